@@ -1,0 +1,233 @@
+"""The building blocks of the BEiT encoder.
+
+Parameter names match unilm's and timm's (`norm1`, `attn.qkv`, `q_bias`, `gamma_1`, ...), so their
+checkpoints load with no renaming. Every module initialises its own parameters in its constructor
+(trunc-normal 0.02, BEiT's per-block rescale), which is what `deepspeed.zero.Init` needs: a module's
+parameters are partitioned as soon as its constructor returns, so a later `model.apply(init)`
+would touch empty shards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INIT_STD = 0.02
+
+
+def init_linear_(linear: nn.Linear, scale: float = 1.0) -> None:
+    """BEiT's Linear init: truncated normal (std 0.02) times `scale`, zero bias."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(linear.weight, std=INIT_STD, a=-2.0, b=2.0)
+        if scale != 1.0:
+            linear.weight.mul_(scale)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "relu":
+        return nn.ReLU()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown activation {name!r}; allowed: gelu, gelu_tanh, relu, silu")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, by a strided convolution (PyTorch's default init, as unilm)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values).flatten(2).transpose(1, 2)
+
+
+def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
+    """Index into the relative-position table for every (query, key) pair of 1 + H*W tokens.
+
+    Rows 0 .. (2H-1)(2W-1)-1 hold patch-to-patch offsets; the last three rows hold cls->token,
+    token->cls and cls->cls, exactly as unilm lays them out (so tables load without reindexing).
+    """
+    height, width = grid
+    num_distances = (2 * height - 1) * (2 * width - 1) + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    relative[:, :, 0] += height - 1
+    relative[:, :, 1] += width - 1
+    relative[:, :, 0] *= 2 * width - 1
+    index = torch.zeros((height * width + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = relative.sum(-1)
+    index[0, 0:] = num_distances - 3
+    index[0:, 0] = num_distances - 2
+    index[0, 0] = num_distances - 1
+    return index
+
+
+def num_relative_distances(grid: tuple[int, int]) -> int:
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(R, heads) table -> (heads, N, N) additive attention bias, gathered head-major in one copy."""
+    num_tokens = index.shape[0]
+    return table.t()[:, index.view(-1)].view(table.shape[1], num_tokens, num_tokens)
+
+
+class RelativePositionBias(nn.Module):
+    """One relative-position table shared by every block (BEiT pretraining)."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_distances(grid), num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with BEiT's q/v biases (zero key bias) and an optional own
+    relative-position table; runs through `scaled_dot_product_attention` with the bias as mask."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        grid: tuple[int, int] | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        proj_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        if grid is not None:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_distances(grid), num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+        else:
+            self.relative_position_bias_table = None
+            self.relative_position_index = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        init_linear_(self.qkv)
+        init_linear_(self.proj, scale=proj_init_scale)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+
+    def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = shared_bias
+        if self.relative_position_bias_table is not None:
+            own = gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+            bias = own if bias is None else bias + own
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        x = x.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, drop: float, fc2_init_scale: float = 1.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+        init_linear_(self.fc1)
+        init_linear_(self.fc2, scale=fc2_init_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with layer scale; `layer_id` (from 1) sets BEiT's init rescale
+    of `attn.proj` and `mlp.fc2` by 1/sqrt(2 * layer_id)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        layer_id: int,
+        qkv_bias: bool = True,
+        grid: tuple[int, int] | None = None,
+        layer_scale_init: float = 0.0,
+        drop_path: float = 0.0,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        act: str = "gelu",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        rescale = 1.0 / math.sqrt(2.0 * layer_id)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, grid=grid, attn_drop=attn_drop, proj_drop=drop, proj_init_scale=rescale
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, act, drop, fc2_init_scale=rescale)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale_init > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+        else:
+            self.gamma_1 = None
+            self.gamma_2 = None
+
+    def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attn(self.norm1(x), shared_bias)
+        if self.gamma_1 is not None:
+            attn = self.gamma_1 * attn
+        x = x + self.drop_path(attn)
+        mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            mlp = self.gamma_2 * mlp
+        return x + self.drop_path(mlp)

@@ -1,0 +1,324 @@
+"""`load_model`, `export_hf` and beitdist's own checkpoint directory.
+
+Loading is all-or-nothing: the checkpoint is read, mapped to beitdist keys, adapted to the
+requested model (resolution, shared -> per-block tables, new head), and checked key by key and
+shape by shape BEFORE any weight is copied. The only keys allowed to differ are the ones the
+adaptation itself decided on (a new head, a new pooling norm, a dropped pretraining head), and each
+of those is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from beitdist.backbone.config import BackboneConfig, ConfigError
+from beitdist.backbone.convert import (
+    HF_ARCHITECTURES,
+    CheckpointError,
+    StateDict,
+    backbone_to_hf_config,
+    detect_layout,
+    hf_config_to_backbone,
+    hf_to_native,
+    infer_backbone_config,
+    infer_head,
+    native_to_hf,
+    unilm_to_native,
+    unwrap,
+)
+from beitdist.backbone.resample import resample_pos_embed, resample_rel_pos_table
+from beitdist.model import BeitForTask, build_model
+
+log = logging.getLogger(__name__)
+
+NATIVE_CONFIG = "beitdist_config.json"
+NATIVE_WEIGHTS = "model.safetensors"
+TABLE_SUFFIX = "relative_position_bias_table"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint mapped to beitdist keys, with what it says (or implies) about the model."""
+
+    state_dict: StateDict
+    config: BackboneConfig
+    head: str | None
+    head_options: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    layout: str = ""
+
+
+# --------------------------------------------------------------------- reading
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to unpickle arbitrary objects ({str(err).splitlines()[0]}). If you trust this "
+            "file, load it with trust_pickle=True (CLI: --trust-pickle)"
+        ) from None
+
+
+def _read_tensors(path: Path, trust_pickle: bool) -> Any:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return _torch_load(path, trust_pickle)
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Any supported checkpoint -> beitdist keys plus the config it implies."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    try:
+        if path.is_dir():
+            return _read_directory(path, trust_pickle)
+        raw = unwrap(_read_tensors(path, trust_pickle), str(path))
+    except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
+    return _from_foreign(raw, None, str(path))
+
+
+def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
+    if (path / NATIVE_CONFIG).exists():
+        meta = json.loads((path / NATIVE_CONFIG).read_text())
+        state = load_file(str(path / NATIVE_WEIGHTS))
+        try:
+            config = BackboneConfig.from_dict(meta["backbone"])
+        except (KeyError, TypeError, ConfigError) as err:
+            raise CheckpointError(f"{path / NATIVE_CONFIG}: invalid beitdist config ({err})") from None
+        return LoadedCheckpoint(state, config, meta.get("head"), meta.get("head_options", {}), str(path), "beitdist")
+    if (path / "config.json").exists():
+        hf = json.loads((path / "config.json").read_text())
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                return _from_foreign(unwrap(_read_tensors(path / name, trust_pickle), str(path / name)), hf, str(path))
+        raise CheckpointError(f"{path}: config.json found but no model.safetensors or pytorch_model.bin")
+    raise CheckpointError(
+        f"{path}: a directory, but neither a beitdist checkpoint ({NATIVE_CONFIG}) nor a transformers one (config.json)"
+    )
+
+
+def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str) -> LoadedCheckpoint:
+    layout = detect_layout(raw)
+    if layout == "hf":
+        state = hf_to_native(raw)
+        try:
+            config = hf_config_to_backbone(hf_config or {}, state) if hf_config is not None else None
+        except ConfigError as err:
+            raise CheckpointError(f"{where}: config.json does not describe a valid BEiT ({err})") from None
+        if config is None:
+            raise CheckpointError(f"{where}: transformers weights without their config.json")
+    elif layout == "unilm":
+        state = unilm_to_native(raw)
+        config = infer_backbone_config(state, where)
+    else:
+        raise CheckpointError(
+            f"{where}: unknown checkpoint layout (first keys: {sorted(raw)[:5]}); supported: unilm/timm "
+            "(.pth, blocks.N.*), transformers directories (config.json + weights), beitdist checkpoints"
+        )
+    head, options = infer_head(state)
+    if hf_config is not None and head == "classification":
+        options["num_classes"] = len(hf_config.get("id2label", {})) or options["num_classes"]
+    return LoadedCheckpoint(state, config, head, options, where, layout)
+
+
+# --------------------------------------------------------------------- adapting
+@dataclass
+class _Plan:
+    """What adapting a checkpoint to a model decided: keys made fresh, keys dropped, and why."""
+
+    fresh: dict[str, str] = field(default_factory=dict)  # key prefix -> reason
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def is_fresh(self, key: str) -> bool:
+        return any(key == p or key.startswith(p) for p in self.fresh)
+
+    def is_dropped(self, key: str) -> bool:
+        return any(key == p or key.startswith(p) for p in self.dropped)
+
+
+def _adapt_backbone(ckpt: LoadedCheckpoint, target: BackboneConfig, plan: _Plan) -> StateDict:
+    src = ckpt.config
+    state = dict(ckpt.state_dict)
+    src_grid, dst_grid = src.grid_size, target.grid_size
+    shared_key = "backbone.rel_pos_bias." + TABLE_SUFFIX
+    if src.rel_pos_bias == "shared" and target.rel_pos_bias == "per_block":
+        table = state.pop(shared_key)
+        for i in range(target.depth):
+            state[f"backbone.blocks.{i}.attn.{TABLE_SUFFIX}"] = table.clone()
+        log.info("copied the shared relative-position table into each of the %d blocks", target.depth)
+    elif src.rel_pos_bias != target.rel_pos_bias:
+        raise CheckpointError(
+            f"{ckpt.source}: relative position bias {src.rel_pos_bias!r} in the checkpoint cannot become "
+            f"{target.rel_pos_bias!r} (allowed: the same, or 'shared' -> 'per_block')"
+        )
+    for key in [k for k in state if k.endswith(TABLE_SUFFIX)]:
+        state[key] = resample_rel_pos_table(state[key], src_grid, dst_grid)
+    if "backbone.pos_embed" in state:
+        state["backbone.pos_embed"] = resample_pos_embed(state["backbone.pos_embed"], src_grid, dst_grid)
+    if src_grid != dst_grid:
+        log.info("resampled position tables from a %s to a %s patch grid", src_grid, dst_grid)
+    if src.pooling != target.pooling:
+        for name in ("backbone.norm.", "backbone.fc_norm."):
+            plan.dropped[name] = f"pooling changes from {src.pooling!r} to {target.pooling!r}"
+            plan.fresh[name] = plan.dropped[name]
+    if src.use_mask_token and not target.use_mask_token:
+        plan.dropped["backbone.mask_token"] = "the model has no mask token"
+    if target.use_mask_token and not src.use_mask_token:
+        plan.fresh["backbone.mask_token"] = "the checkpoint has no mask token"
+    return state
+
+
+def _check_against(model: torch.nn.Module, state: StateDict, plan: _Plan, where: str) -> StateDict:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not plan.is_fresh(k)]
+    unexpected = [k for k in state if k not in expected and not plan.is_dropped(k)]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if mismatched:
+        problems.append(f"shape mismatches {mismatched[:8]}")
+    if problems:
+        raise CheckpointError(f"{where}: does not fit the model: " + "; ".join(problems) + "; nothing was loaded")
+    for prefix, reason in {**plan.fresh, **plan.dropped}.items():
+        if any(k.startswith(prefix) for k in list(expected) + list(state)):
+            log.info("%s: %s (%s)", where, prefix.rstrip("."), reason)
+    return {k: v for k, v in state.items() if k in expected}
+
+
+def load_model(
+    path: str | os.PathLike,
+    head: str | None = None,
+    *,
+    head_options: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    **backbone_overrides: Any,
+) -> BeitForTask:
+    """Load a unilm .pth, a transformers directory, a timm state dict or a beitdist checkpoint.
+
+    `head` picks the head to build ("classification", "mim", "segmentation" or None for the bare
+    backbone). The checkpoint's own head is loaded when it is the same head with the same shapes;
+    otherwise the new head starts fresh (fine-tuning from pretraining), which is logged.
+    `backbone_overrides` change the architecture where that is a well-defined adaptation:
+    `image_size` (tables and embeddings resampled), `rel_pos_bias="per_block"` from a shared table,
+    `drop_path_rate`, `grad_checkpointing`, `pooling`, ...
+    """
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        target = ckpt.config.replace(**backbone_overrides)
+    except ConfigError as err:
+        raise CheckpointError(f"{ckpt.source}: {err}") from None
+    options = dict(head_options or {})
+    same_head = head is not None and head == ckpt.head
+    if same_head:
+        options = {**ckpt.head_options, **options}
+    model = build_model(target, head, options)
+    target = model.config
+    plan = _Plan()
+    state = _adapt_backbone(ckpt, target, plan)
+    head_keys = [k for k in state if k.startswith("head.")]
+    model_head = {k: v.shape for k, v in model.state_dict().items() if k.startswith("head.")}
+    if head_keys and (not same_head or any(k in model_head and state[k].shape != model_head[k] for k in head_keys)):
+        plan.dropped["head."] = f"the checkpoint's {ckpt.head!r} head is not loaded into a new {head!r} head"
+    if head is not None and (not same_head or "head." in plan.dropped):
+        plan.fresh["head."] = f"new {head!r} head, freshly initialised"
+    state = _check_against(model, state, plan, ckpt.source)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+# --------------------------------------------------------------------- writing
+def _atomic_directory(out_dir: Path, write: Any) -> None:
+    """Write into a temporary sibling, then swap it in: a crash never leaves a half-written dir."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        backup = None
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out_dir.rename(backup)
+        tmp.rename(out_dir)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tensors_for_saving(state: Mapping[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike) -> Path:
+    """beitdist's own checkpoint: config + head + safetensors weights, written atomically."""
+    out_dir = Path(out_dir)
+    meta = {
+        "format": "beitdist",
+        "backbone": model.config.to_dict(),
+        "head": model.head_name,
+        "head_options": model.head.options() if model.head is not None else {},
+    }
+
+    def write(tmp: Path) -> None:
+        (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
+        save_file(_tensors_for_saving(model.state_dict()), str(tmp / NATIVE_WEIGHTS))
+
+    _atomic_directory(out_dir, write)
+    return out_dir
+
+
+def export_hf(model: BeitForTask, out_dir: str | os.PathLike) -> Path:
+    """A directory that transformers' BeitModel / BeitFor* `.from_pretrained` loads with no missing
+    or unexpected keys (config.json + model.safetensors)."""
+    out_dir = Path(out_dir)
+    config = model.config
+    head = model.head_name
+    if head not in HF_ARCHITECTURES:
+        raise CheckpointError(f"head {head!r} has no transformers equivalent; exportable: classification, mim, segmentation")
+    options = model.head.options() if model.head is not None else {}
+    hf_config = backbone_to_hf_config(config, head, options)
+    state = dict(model.state_dict())
+    dim = config.embed_dim
+    if not config.qkv_bias:  # transformers always has query/value biases
+        for i in range(config.depth):
+            state[f"backbone.blocks.{i}.attn.q_bias"] = torch.zeros(dim)
+            state[f"backbone.blocks.{i}.attn.v_bias"] = torch.zeros(dim)
+    if head is None and config.pooling == "none":  # BeitModel always builds its pooler norm
+        state["backbone.fc_norm.weight"], state["backbone.fc_norm.bias"] = torch.ones(dim), torch.zeros(dim)
+    if head in ("mim", "segmentation"):  # their BeitModel has no pooler
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.fc_norm.")}
+    hf_state = native_to_hf(state, prefix="" if head is None else "beit.")
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        save_file(_tensors_for_saving(hf_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    _atomic_directory(out_dir, write)
+    return out_dir

@@ -189,8 +189,10 @@ def _adapt_backbone(ckpt: LoadedCheckpoint, target: BackboneConfig, plan: _Plan)
 
 def _check_against(model: torch.nn.Module, state: StateDict, plan: _Plan, where: str) -> StateDict:
     expected = model.state_dict()
+    dropped = [k for k in state if plan.is_dropped(k)]
+    state = {k: v for k, v in state.items() if k not in dropped}
     missing = [k for k in expected if k not in state and not plan.is_fresh(k)]
-    unexpected = [k for k in state if k not in expected and not plan.is_dropped(k)]
+    unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
@@ -205,10 +207,13 @@ def _check_against(model: torch.nn.Module, state: StateDict, plan: _Plan, where:
         problems.append(f"shape mismatches {mismatched[:8]}")
     if problems:
         raise CheckpointError(f"{where}: does not fit the model: " + "; ".join(problems) + "; nothing was loaded")
-    for prefix, reason in {**plan.fresh, **plan.dropped}.items():
-        if any(k.startswith(prefix) for k in list(expected) + list(state)):
-            log.info("%s: %s (%s)", where, prefix.rstrip("."), reason)
-    return {k: v for k, v in state.items() if k in expected}
+    for prefix, reason in plan.dropped.items():
+        if any(k.startswith(prefix) for k in dropped):
+            log.info("%s: not loading %s: %s", where, prefix.rstrip("."), reason)
+    for prefix, reason in plan.fresh.items():
+        if any(k.startswith(prefix) and k not in state for k in expected):
+            log.info("%s: initialising %s fresh: %s", where, prefix.rstrip("."), reason)
+    return state
 
 
 def load_model(

@@ -1,0 +1,164 @@
+"""The encoder on its own: BEiT's init, layer ids, masking, intermediates, checkpointing, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import beitdist
+from beitdist.backbone import BackboneConfig, Beit, ConfigError, InputError, variant
+
+
+def tiny(**overrides) -> BackboneConfig:
+    base = dict(embed_dim=32, depth=4, num_heads=4, image_size=32, patch_size=8, drop_path_rate=0.0)
+    base.update(overrides)
+    return BackboneConfig(**base)
+
+
+@pytest.mark.parametrize(("name", "millions"), [("base", 86.5), ("large", 304.4)])
+def test_published_parameter_counts(name, millions):
+    with torch.device("meta"):
+        model = beitdist.build_model(variant(name), "classification", {"num_classes": 1000})
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+def test_variants_match_the_paper():
+    base, large = variant("base"), variant("large")
+    assert (base.embed_dim, base.depth, base.num_heads, base.hidden_mlp_dim) == (768, 12, 12, 3072)
+    assert (large.embed_dim, large.depth, large.num_heads, large.layer_scale_init) == (1024, 24, 16, 1e-5)
+    assert base.layer_norm_eps == 1e-6 and base.grid_size == (14, 14)
+    assert variant("huge").depth == 32
+
+
+def test_init_rescales_each_block_by_its_depth():
+    torch.manual_seed(0)
+    model = Beit(BackboneConfig(embed_dim=256, depth=4, num_heads=4, image_size=32, patch_size=8))
+    for layer_id, block in enumerate(model.blocks, start=1):
+        expected = 0.02 / math.sqrt(2 * layer_id)
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert abs(weight.std().item() / expected - 1) < 0.05
+        assert abs(block.attn.qkv.weight.std().item() / 0.02 - 1) < 0.05
+        assert torch.all(block.gamma_1 == 0.1) and torch.all(block.attn.q_bias == 0)
+        assert torch.all(block.attn.relative_position_bias_table == 0)
+    head = beitdist.build_model(tiny(embed_dim=256), "classification", {"num_classes": 1000}).head.classifier
+    assert abs(head.weight.std().item() / (0.02 * 0.001) - 1) < 0.05
+
+
+def test_layer_ids_and_no_weight_decay():
+    model = Beit(tiny(rel_pos_bias="shared", abs_pos_emb=True, use_mask_token=True))
+    ids = {name: model.layer_id(name) for name, _ in model.named_parameters()}
+    assert ids["cls_token"] == ids["mask_token"] == ids["pos_embed"] == ids["patch_embed.proj.weight"] == 0
+    assert ids["blocks.0.attn.qkv.weight"] == 1 and ids["blocks.3.mlp.fc2.bias"] == 4
+    assert ids["rel_pos_bias.relative_position_bias_table"] == ids["fc_norm.weight"] == 5 == model.num_layer_ids - 1
+    assert model.no_weight_decay() == {"cls_token", "pos_embed", "rel_pos_bias.relative_position_bias_table"}
+    assert "blocks.0.attn.relative_position_bias_table" in Beit(tiny()).no_weight_decay()
+    assert Beit(tiny()).no_weight_decay(rel_pos_tables=False) == {"cls_token"}
+
+
+def test_mask_token_replaces_masked_patches_only():
+    model = Beit(tiny(use_mask_token=True)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 5]] = True
+    plain, masked = model.embed(pixels), model.embed(pixels, mask)
+    torch.testing.assert_close(masked[0, 2], model.mask_token[0, 0])
+    torch.testing.assert_close(masked[0, 6], model.mask_token[0, 0])
+    torch.testing.assert_close(masked[1], plain[1])
+    torch.testing.assert_close(masked[0, 3], plain[0, 3])
+
+
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block", "none"])
+def test_forward_intermediates_are_the_block_outputs(rel_pos_bias):
+    model = Beit(tiny(rel_pos_bias=rel_pos_bias, abs_pos_emb=rel_pos_bias == "none")).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        states = model(pixels, output_hidden_states=True).hidden_states
+        maps = model.forward_intermediates(pixels, [0, 2, -1])
+        tokens = model.forward_intermediates(pixels, [1], output_fmt="NLC")
+    assert [m.shape for m in maps] == [(2, 32, 4, 4)] * 3
+    for m, index in zip(maps, [0, 2, 3]):
+        expected = states[index + 1][:, 1:].transpose(1, 2).reshape(2, 32, 4, 4)
+        torch.testing.assert_close(m, expected)
+    # patch (row 1, col 2) is token 1 + 1 * 4 + 2
+    torch.testing.assert_close(maps[0][:, :, 1, 2], states[1][:, 7])
+    torch.testing.assert_close(tokens[0], states[2])
+    with pytest.raises(InputError, match="out of range"):
+        model.forward_intermediates(pixels, [4])
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = beitdist.build_model(tiny(), "classification", {"num_classes": 3})
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.backbone.set_grad_checkpointing(enable)
+        loss = torch.nn.functional.cross_entropy(model(pixels).logits, labels)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_drop_path_is_random_in_training_only():
+    model = Beit(tiny(drop_path_rate=0.5)).train()
+    pixels = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(1)
+    a = model(pixels).last_hidden_state
+    torch.manual_seed(2)
+    b = model(pixels).last_hidden_state
+    assert (a - b).abs().max() > 1e-4
+    model.eval()
+    torch.testing.assert_close(model(pixels).last_hidden_state, model(pixels).last_hidden_state)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    model = beitdist.build_model(tiny(), "classification", {"num_classes": 3}).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fp32 = model(pixels).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(pixels).logits
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), fp32, atol=2e-2, rtol=0)
+
+
+def test_bad_inputs_name_what_was_expected():
+    model = Beit(tiny())
+    with pytest.raises(InputError, match=r"expected shape \(B, 3, 32, 32\), got \(2, 3, 64, 64\)"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(InputError, match="no mask token"):
+        model(torch.randn(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.bool))
+    with pytest.raises(InputError, match=r"bool_masked_pos: expected shape \(2, 16\)"):
+        Beit(tiny(use_mask_token=True))(torch.randn(2, 3, 32, 32), torch.zeros(2, 15, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(num_heads=5), "not divisible by num_heads"),
+        (dict(image_size=30), "multiple of patch_size"),
+        (dict(pooling="max"), "pooling: got 'max'; allowed: mean, cls, none"),
+        (dict(rel_pos_bias="global"), "allowed: shared, per_block, none"),
+        (dict(drop_path_rate=1.5), r"drop_path_rate: expected a value in \[0, 1\)"),
+        (dict(depth=0), "depth: expected a positive int"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(**overrides)
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="allowed: tiny, small, base, large, huge"):
+        variant("gigantic")
+
+
+def test_head_needing_a_mask_token_gets_one():
+    model = beitdist.build_model(tiny(), "mim", {"vocab_size": 20})
+    assert model.config.use_mask_token and model.config.pooling == "none"
+    out = model(torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.5)
+    assert out.logits.shape == (2, 16, 20)

@@ -1,0 +1,5 @@
+import sys
+
+from beitdist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""`beitdist` command line. Exit codes: 0 success, 1 the run failed, 2 bad input (one clear line)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from beitdist.backbone.config import ConfigError
+from beitdist.backbone.convert import CheckpointError
+
+log = logging.getLogger("beitdist")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from beitdist.checkpoint import export_hf, load_model, save_checkpoint
+
+    overrides = {}
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
+    if args.rel_pos_bias is not None:
+        overrides["rel_pos_bias"] = args.rel_pos_bias
+    head = None if args.head == "none" else args.head
+    model = load_model(args.source, head=head, trust_pickle=args.trust_pickle, **overrides)
+    writer = export_hf if args.to == "hf" else save_checkpoint
+    out = writer(model, args.output)
+    config = model.config
+    print(
+        f"wrote {args.to} checkpoint {out}: {config.depth} blocks x {config.embed_dim}, "
+        f"{config.image_size[0]}x{config.image_size[1]} px, head {model.head_name}"
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beitdist", description="Train BEiT vision transformers at any scale.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a unilm / timm / transformers / beitdist checkpoint",
+        description="Read any supported checkpoint and write it as a transformers directory or a beitdist checkpoint.",
+    )
+    convert.add_argument("source", help="unilm .pth, timm state dict, transformers directory or beitdist checkpoint")
+    convert.add_argument("output", help="output directory (written atomically)")
+    convert.add_argument("--to", choices=["hf", "beitdist"], default="hf")
+    convert.add_argument("--head", choices=["classification", "mim", "segmentation", "none"], default="none")
+    convert.add_argument("--image-size", type=int, help="new resolution: position tables are resampled")
+    convert.add_argument("--rel-pos-bias", choices=["shared", "per_block", "none"])
+    convert.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
+    convert.set_defaults(run=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (CheckpointError, ConfigError, ValueError) as err:
+        print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"beitdist {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

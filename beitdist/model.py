@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from beitdist.backbone.beit import Beit
 from beitdist.backbone.config import BackboneConfig
-from beitdist.heads import Head, head_class
+from beitdist.heads.base import Head, HeadOutput
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ModelOutput:
     """(B, 1 + N, D) final tokens (None for heads that only read intermediate blocks)."""
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    aux_logits: torch.Tensor | None = None
+    """A second output of the head (segmentation's auxiliary FCN head)."""
 
 
 class BeitForTask(nn.Module):
@@ -55,24 +58,39 @@ class BeitForTask(nn.Module):
         head = self.head
         if head is not None and head.needs == "pyramid":
             maps = self.backbone.forward_intermediates(pixel_values, head.block_indices, "NCHW", bool_masked_pos)
-            return ModelOutput(logits=head(maps), last_hidden_state=None)
+            return _with_head_output(ModelOutput(None, None), head(maps, bool_masked_pos))
         out = self.backbone(pixel_values, bool_masked_pos, output_hidden_states=output_hidden_states)
-        logits = None
-        if head is not None:
-            features = out.pooler_output if head.needs == "pooled" else out.last_hidden_state
-            logits = head(features, bool_masked_pos)
-        return ModelOutput(logits, out.last_hidden_state, out.pooler_output, out.hidden_states)
+        result = ModelOutput(None, out.last_hidden_state, out.pooler_output, out.hidden_states)
+        if head is None:
+            return result
+        features = out.pooler_output if head.needs == "pooled" else out.last_hidden_state
+        return _with_head_output(result, head(features, bool_masked_pos))
+
+    def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("a bare backbone has no loss; build the model with a head")
+        return self.head.loss(output, batch)
 
 
-def build_model(
-    config: BackboneConfig, head: str | None = None, head_options: dict[str, Any] | None = None
-) -> BeitForTask:
-    """A freshly initialised model; the backbone's pooling and mask token are set to what the head needs."""
+def _with_head_output(result: ModelOutput, out: torch.Tensor | HeadOutput) -> ModelOutput:
+    if isinstance(out, HeadOutput):
+        result.logits, result.aux_logits = out.logits, out.aux_logits
+    else:
+        result.logits = out
+    return result
+
+
+def build_model(config: BackboneConfig, head: str | None = None, head_options: Any = None) -> BeitForTask:
+    """A freshly initialised model; the backbone's pooling and mask token are set to what the head
+    needs. `head` is resolved through the plugin registry, so third-party heads build the same way."""
+    from beitdist.plugins import head_class
+
     head_cls = head_class(head) if head is not None else None
     if head_cls is not None:
+        options = head_cls.parse_options(head_options)
         if head_cls.pooling is not None and config.pooling not in head_cls.pooling:
             config = config.replace(pooling=head_cls.pooling[0])
         if head_cls.uses_mask and not config.use_mask_token:
             config = config.replace(use_mask_token=True)
     backbone = Beit(config)
-    return BeitForTask(backbone, head_cls(config, **(head_options or {})) if head_cls else None)
+    return BeitForTask(backbone, head_cls(config, options) if head_cls else None)

@@ -1,23 +1,5 @@
-"""Built-in heads. Each is an ordinary `Head` subclass; `head_class(name)` finds one by name."""
+"""Heads: the `Head` contract and the built-in heads (registered through the plugin hook)."""
 
-from __future__ import annotations
+from beitdist.heads.base import Head, HeadOutput
 
-from beitdist.heads.base import Head
-from beitdist.heads.classification import ClassificationHead
-from beitdist.heads.mim import MimHead
-
-BUILTIN_HEADS: dict[str, type[Head]] = {cls.name: cls for cls in (ClassificationHead, MimHead)}
-
-
-class UnknownHeadError(ValueError):
-    """A head name that no installed plugin provides."""
-
-
-def head_class(name: str) -> type[Head]:
-    try:
-        return BUILTIN_HEADS[name]
-    except KeyError:
-        raise UnknownHeadError(f"unknown head {name!r}; available: {', '.join(sorted(BUILTIN_HEADS))}") from None
-
-
-__all__ = ["BUILTIN_HEADS", "ClassificationHead", "Head", "MimHead", "UnknownHeadError", "head_class"]
+__all__ = ["Head", "HeadOutput"]

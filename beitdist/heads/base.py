@@ -1,42 +1,110 @@
-"""The head contract: what a head needs from the backbone and how it turns features into logits.
+"""The head contract: what every head (built-in or third-party) declares and implements.
 
-A head is an `nn.Module` subclass with three class attributes:
+A head is an `nn.Module` subclass with these class attributes:
 
 - `name`: the name recipes and `load_model(head=...)` use.
-- `needs`: what the model wrapper hands to `forward`: "pooled" (B, D), "tokens" (B, 1 + N, D)
-  or "pyramid" (a list of NCHW maps from the blocks at `self.block_indices`).
-- `pooling`: the backbone pooling the head requires, or None if it does not care.
+- `Options`: a dataclass, the schema of the head's recipe section (`head.options`); its
+  `__post_init__` checks ranges with `beitdist.schema.check`, so bad values name their field.
+- `needs`: what the model hands to `forward`: "pooled" (B, D), "tokens" (B, 1 + N, D) or
+  "pyramid" (NCHW maps of the blocks at `self.block_indices`).
+- `pooling`: backbone poolings it works with (the first is chosen when building), or None.
+- `uses_mask`: True when it needs the backbone's mask token (masked image modeling).
 
-Its constructor takes the backbone config and the head's own keyword options.
+and these methods:
+
+- `__init__(backbone: BackboneConfig, options: Options)`.
+- `forward(features, bool_masked_pos) -> Tensor | HeadOutput`.
+- `loss(output, batch) -> Tensor`: a scalar from the model output and the batch dict.
+- `metric_state(output, batch) -> dict[str, Tensor]`: SUMS over the batch (counts,
+  intersections, ...) that can be all-reduced across ranks and accumulated over batches;
+  `compute_metrics(state) -> dict[str, float]` turns the totals into the reported metrics.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
+from beitdist.schema import parse, to_dict
 
-Needs = Literal["pooled", "tokens", "pyramid"]
+if TYPE_CHECKING:
+    from beitdist.model import ModelOutput
+
+Needs = Literal["pyramid", "pooled", "tokens"]
+NEEDS: tuple[str, ...] = ("pooled", "tokens", "pyramid")
+
+
+@dataclass
+class HeadOutput:
+    """What a head with more than one output returns (segmentation: main and auxiliary logits)."""
+
+    logits: torch.Tensor
+    aux_logits: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A head without options."""
 
 
 class Head(nn.Module):
     name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
     needs: ClassVar[Needs]
     pooling: ClassVar[tuple[str, ...] | None] = None
-    """Backbone poolings this head works with (the first is the default); None: any."""
     uses_mask: ClassVar[bool] = False
-    """True when the head needs the backbone's mask token (masked image modeling)."""
+    block_indices: tuple[int, ...] = ()
+    """For `needs == "pyramid"`: the 0-based blocks whose outputs `forward` receives."""
 
-    def __init__(self, backbone: BackboneConfig, **options: Any) -> None:
+    def __init__(self, backbone: BackboneConfig, options: Any = None) -> None:
         super().__init__()
         self.backbone_config = backbone
+        self.opts = self.parse_options(options)
+
+    @classmethod
+    def parse_options(cls, options: Any, path: str = "head.options") -> Any:
+        """The head's options from a recipe mapping (or an Options instance), validated."""
+        return parse(cls.Options, options, path)
 
     def options(self) -> dict[str, Any]:
-        """The keyword options that rebuild this head (saved with checkpoints)."""
+        """Plain options that rebuild this head (saved with checkpoints)."""
+        return to_dict(self.opts)
+
+    def forward(self, features: Any, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor | HeadOutput:
+        raise NotImplementedError(f"head {type(self).__name__} must implement forward")
+
+    def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"head {type(self).__name__} must implement loss")
+
+    def metric_state(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {}
 
-    def forward(self, features: Any, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError(f"head {type(self).__name__} does not define forward")
+    def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {}
+
+
+CONTRACT_ATTRIBUTES = ("name", "Options", "needs")
+
+
+def contract_problems(cls: Any) -> list[str]:
+    """What a class registered as a head lacks; empty when it honours the contract."""
+    if not (isinstance(cls, type) and issubclass(cls, Head)):
+        return [f"{cls!r} is not a subclass of beitdist.heads.Head"]
+    problems = []
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        problems.append(f"name must be an identifier-like string, got {name!r}")
+    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        problems.append("Options must be a dataclass (the schema of the head's recipe options)")
+    if getattr(cls, "needs", None) not in NEEDS:
+        problems.append(f"needs must be one of {', '.join(NEEDS)}, got {getattr(cls, 'needs', None)!r}")
+    for method in ("forward", "loss"):
+        if getattr(cls, method) is getattr(Head, method):
+            problems.append(f"{method}() is not implemented")
+    return problems

@@ -1,36 +1,79 @@
-"""Image classification head: pooled vector -> Linear, initialised as unilm does (scale 0.001)."""
+"""Image classification: pooled vector -> dropout -> Linear (unilm's init, scaled by 0.001)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.layers import init_linear_
 from beitdist.heads.base import Head
+from beitdist.hookspecs import hookimpl
+from beitdist.schema import check
+
+if TYPE_CHECKING:
+    from beitdist.model import ModelOutput
+
+
+@dataclass(frozen=True)
+class ClassificationOptions:
+    num_classes: int = 1000
+    init_scale: float = 0.001
+    """The classifier's trunc-normal init is multiplied by this (unilm: 0.001)."""
+    dropout: float = 0.0
+    label_smoothing: float = 0.1
+    """Applied to hard labels; soft targets (mixup/cutmix) arrive already smoothed."""
+
+    def __post_init__(self) -> None:
+        check(self.num_classes > 0, "num_classes", f"expected a positive int, got {self.num_classes}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"expected a value in [0, 1), got {self.dropout}")
+        check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"expected [0, 1), got {self.label_smoothing}")
 
 
 class ClassificationHead(Head):
     name = "classification"
+    Options = ClassificationOptions
     needs = "pooled"
     pooling = ("mean", "cls")
 
-    def __init__(
-        self, backbone: BackboneConfig, num_classes: int = 1000, init_scale: float = 0.001, dropout: float = 0.0
-    ) -> None:
-        super().__init__(backbone)
-        if not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"head.num_classes: expected a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
-        self.init_scale = init_scale
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(backbone.embed_dim, num_classes)
-        init_linear_(self.classifier, scale=init_scale)
-
-    def options(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "init_scale": self.init_scale, "dropout": self.dropout.p}
+    def __init__(self, backbone: BackboneConfig, options: ClassificationOptions | None = None) -> None:
+        super().__init__(backbone, options)
+        self.dropout = nn.Dropout(self.opts.dropout)
+        self.classifier = nn.Linear(backbone.embed_dim, self.opts.num_classes)
+        init_linear_(self.classifier, scale=self.opts.init_scale)
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.classifier(self.dropout(features))
+
+    def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits, labels = output.logits.float(), batch["labels"]
+        if labels.is_floating_point():  # soft targets from mixup / cutmix
+            return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, labels, label_smoothing=self.opts.label_smoothing)
+
+    def metric_state(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = batch["labels"]
+        if labels.is_floating_point():
+            labels = labels.argmax(dim=-1)
+        k = min(5, output.logits.shape[-1])
+        top = output.logits.topk(k, dim=-1).indices
+        hits = top.eq(labels.unsqueeze(-1))
+        return {
+            "correct_top1": hits[:, 0].sum().double(),
+            "correct_top5": hits.any(dim=-1).sum().double(),
+            "count": torch.tensor(float(labels.numel()), dtype=torch.float64),
+        }
+
+    def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        count = max(float(state["count"]), 1.0)
+        return {"top1": float(state["correct_top1"]) / count, "top5": float(state["correct_top5"]) / count}
+
+
+@hookimpl
+def beitdist_register_heads(registry) -> None:
+    registry.add(ClassificationHead)

@@ -1,38 +1,75 @@
-"""Masked image modeling head: LayerNorm -> Linear over the visual-token vocabulary."""
+"""Masked image modeling: LayerNorm -> Linear over the visual-token vocabulary; the loss is the
+cross-entropy on masked patches only, as in BEiT's pretraining."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.layers import init_linear_
 from beitdist.heads.base import Head
+from beitdist.hookspecs import hookimpl
+from beitdist.schema import check
+
+if TYPE_CHECKING:
+    from beitdist.model import ModelOutput
+
+
+@dataclass(frozen=True)
+class MimOptions:
+    vocab_size: int = 8192
+    """Visual-token vocabulary (the DALL-E dVAE's is 8192)."""
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size > 1, "vocab_size", f"expected an int > 1, got {self.vocab_size}")
 
 
 class MimHead(Head):
-    """Predicts the visual token of every patch (B, N, vocab). unilm's pretraining model keeps its
-    final norm next to `lm_head`; here that norm is `head.norm`, so the backbone runs with
-    pooling 'none' (no norm of its own) exactly as in unilm."""
+    """Predicts the visual token of every patch: logits (B, N, vocab). unilm's pretraining model
+    keeps its final norm next to `lm_head`; here that norm is `head.norm`, and the backbone runs
+    with pooling 'none' (no norm of its own), which is the same computation."""
 
     name = "mim"
+    Options = MimOptions
     needs = "tokens"
     pooling = ("none", "cls")
     uses_mask = True
 
-    def __init__(self, backbone: BackboneConfig, vocab_size: int = 8192) -> None:
-        super().__init__(backbone)
-        if not isinstance(vocab_size, int) or vocab_size <= 1:
-            raise ValueError(f"head.vocab_size: expected an int > 1, got {vocab_size!r}")
-        self.vocab_size = vocab_size
+    def __init__(self, backbone: BackboneConfig, options: MimOptions | None = None) -> None:
+        super().__init__(backbone, options)
         self.norm = nn.LayerNorm(backbone.embed_dim, eps=backbone.layer_norm_eps)
-        self.lm_head = nn.Linear(backbone.embed_dim, vocab_size)
+        self.lm_head = nn.Linear(backbone.embed_dim, self.opts.vocab_size)
         init_linear_(self.lm_head)
-
-    def options(self) -> dict[str, Any]:
-        return {"vocab_size": self.vocab_size}
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.norm(features[:, 1:]))
+
+    @staticmethod
+    def _masked(output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["bool_masked_pos"].bool()
+        return output.logits[mask].float(), batch["labels"][mask]
+
+    def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits, labels = self._masked(output, batch)
+        return F.cross_entropy(logits, labels)
+
+    def metric_state(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits, labels = self._masked(output, batch)
+        return {
+            "correct": logits.argmax(dim=-1).eq(labels).sum().double(),
+            "count": torch.tensor(float(labels.numel()), dtype=torch.float64),
+        }
+
+    def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {"mim_accuracy": float(state["correct"]) / max(float(state["count"]), 1.0)}
+
+
+@hookimpl
+def beitdist_register_heads(registry) -> None:
+    registry.add(MimHead)

@@ -1,0 +1,78 @@
+"""beitdist's hook specifications: the whole plugin contract in one place.
+
+Plugins implement these with `@beitdist.hookimpl` in a module that a setuptools entry point of the
+group `beitdist` names (built-ins are declared the same way). Registration hooks are called once
+per plugin manager, in the process that builds the model (every Ray worker builds its own), and
+receive a registry whose `add` validates each entry; training-event hooks are called on every
+rank as the run progresses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from beitdist.events import TrainContext
+    from beitdist.plugins import Registry
+
+PROJECT = "beitdist"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ----------------------------------------------------------------- registration
+@hookspec
+def beitdist_register_heads(registry: Registry) -> None:
+    """Add head classes with `registry.add(MyHead)`.
+
+    Called once when the plugin manager is built. Each class must subclass `beitdist.heads.Head`
+    and declare `name`, `Options` (a dataclass) and `needs`, and implement `forward` and `loss`;
+    a duplicate name or a missing piece raises a PluginError naming the plugin and its package.
+    """
+
+
+@hookspec
+def beitdist_register_tokenizers(registry: Registry) -> None:
+    """Add visual tokenizer classes (MIM targets) with `registry.add(MyTokenizer)`.
+
+    Called once when the plugin manager is built. Each class must subclass
+    `beitdist.tokenizers.Tokenizer` (name, Options, `encode(images) -> token ids`).
+    """
+
+
+@hookspec
+def beitdist_register_datasets(registry: Registry) -> None:
+    """Add dataset classes with `registry.add(MyDataset)`.
+
+    Called once when the plugin manager is built. Each class must subclass
+    `beitdist.data.DatasetPlugin` (name, Options, `build(options, split, ...)`).
+    """
+
+
+# ------------------------------------------------------------ training events
+@hookspec
+def beitdist_on_train_start(context: TrainContext) -> None:
+    """Called on every rank once the model, data and engine are ready, before the first step
+    (also after a restart, with `context.extras["resumed_step"]` set)."""
+
+
+@hookspec
+def beitdist_on_step_end(context: TrainContext, step: int, metrics: dict[str, Any]) -> None:
+    """Called on every rank after each optimizer step; `metrics` holds this step's loss, lr,
+    grad norm and images/s (rank-local values)."""
+
+
+@hookspec
+def beitdist_on_eval_end(context: TrainContext, step: int, metrics: dict[str, float]) -> None:
+    """Called on every rank after each evaluation, with the metrics reduced across ranks."""
+
+
+@hookspec
+def beitdist_on_checkpoint_saved(context: TrainContext, step: int, path: str) -> None:
+    """Called on every rank after a checkpoint is completely written (every rank's shard) at `path`."""
+
+
+REGISTRATION_HOOKS = ("beitdist_register_heads", "beitdist_register_tokenizers", "beitdist_register_datasets")
+EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_saved")

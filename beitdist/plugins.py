@@ -1,0 +1,208 @@
+"""The plugin manager: built-ins, setuptools entry points, validating registries.
+
+`get_plugin_manager()` registers the built-in plugins (listed in `BUILTIN_PLUGINS`, also declared
+as entry points in setup.cfg like any third-party package), loads the entry points of the group
+`beitdist` unless BEITDIST_DISABLE_PLUGIN_AUTOLOAD=1, and calls `check_pending()` so that a
+misspelt hook fails loudly. `get_registries()` runs the registration hooks plugin by plugin, so
+every entry knows the plugin and package it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from beitdist import hookspecs
+
+DISABLE_AUTOLOAD_ENV = "BEITDIST_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN_PACKAGE = "beitdist (built-in)"
+BUILTIN_PLUGINS = (
+    "beitdist.heads.classification",
+    "beitdist.heads.mim",
+)
+
+
+class PluginError(ValueError):
+    """A plugin broke the contract (duplicate name, missing attribute, bad hook); names the plugin."""
+
+
+class UnknownPluginError(ValueError):
+    """A name that no installed plugin provides; the message lists the available ones."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    obj: Any
+    plugin: str
+    package: str
+
+
+class Registry:
+    """Entries of one kind (heads, tokenizers, datasets), each validated when added."""
+
+    def __init__(self, kind: str, problems: Callable[[Any], list[str]]) -> None:
+        self.kind = kind
+        self._problems = problems
+        self._entries: dict[str, Entry] = {}
+        self._source = ("<direct>", "<unknown>")
+
+    def add(self, obj: Any) -> None:
+        plugin, package = self._source
+        problems = self._problems(obj)
+        if problems:
+            raise PluginError(
+                f"plugin {plugin!r} (package {package}) registered an invalid {self.kind} {obj!r}: "
+                + "; ".join(problems)
+            )
+        name = obj.name
+        if name in self._entries:
+            first = self._entries[name]
+            raise PluginError(
+                f"plugin {plugin!r} (package {package}) registered the {self.kind} name {name!r}, "
+                f"already taken by plugin {first.plugin!r} (package {first.package})"
+            )
+        self._entries[name] = Entry(name, obj, plugin, package)
+
+    def get(self, name: str) -> Any:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            available = sorted(self._entries)
+            hint = difflib.get_close_matches(str(name), available, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise UnknownPluginError(
+                f"unknown {self.kind} {name!r}{suggestion}; available: {', '.join(available) or 'none'}"
+            )
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+@dataclass
+class Registries:
+    heads: Registry
+    tokenizers: Registry
+    datasets: Registry
+    callbacks: list[Entry] = dataclasses.field(default_factory=list)
+    """Plugins implementing any training-event hook (entry.obj is the plugin object)."""
+
+
+def _head_problems(obj: Any) -> list[str]:
+    from beitdist.heads.base import contract_problems
+
+    return contract_problems(obj)
+
+
+def _tokenizer_problems(obj: Any) -> list[str]:
+    from beitdist.tokenizers.base import contract_problems
+
+    return contract_problems(obj)
+
+
+def _dataset_problems(obj: Any) -> list[str]:
+    from beitdist.data.base import contract_problems
+
+    return contract_problems(obj)
+
+
+def _disabled(env: dict[str, str] | os._Environ) -> bool:
+    return env.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
+    """A fresh plugin manager: hookspecs, built-ins, then (unless disabled) entry points."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if autoload is None:
+        autoload = not _disabled(os.environ)
+    if autoload:
+        try:
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        except Exception as err:  # an entry point that cannot be imported
+            raise PluginError(f"a 'beitdist' entry point failed to load: {type(err).__name__}: {err}") from err
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise PluginError(f"plugin {err.plugin!r} implements a hook beitdist does not define: {err}") from None
+    return pm
+
+
+def _packages(pm: pluggy.PluginManager) -> dict[int, str]:
+    packages = {}
+    for plugin, dist in pm.list_plugin_distinfo():
+        packages[id(plugin)] = f"{dist.project_name} {dist.version}"
+    return packages
+
+
+def collect_registries(pm: pluggy.PluginManager) -> Registries:
+    """Run the registration hooks one plugin at a time and collect the callback plugins."""
+    registries = Registries(
+        heads=Registry("head", _head_problems),
+        tokenizers=Registry("tokenizer", _tokenizer_problems),
+        datasets=Registry("dataset", _dataset_problems),
+    )
+    packages = _packages(pm)
+    targets = {
+        "beitdist_register_heads": registries.heads,
+        "beitdist_register_tokenizers": registries.tokenizers,
+        "beitdist_register_datasets": registries.datasets,
+    }
+    for hook_name, registry in targets.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            registry._source = (impl.plugin_name, packages.get(id(impl.plugin), BUILTIN_PACKAGE))
+            impl.function(registry=registry)
+        registry._source = ("<direct>", "<unknown>")
+    for name, plugin in pm.list_name_plugin():
+        if any(hasattr(plugin, hook) for hook in hookspecs.EVENT_HOOKS):
+            registries.callbacks.append(Entry(name, plugin, name, packages.get(id(plugin), BUILTIN_PACKAGE)))
+    return registries
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(autoload: bool) -> tuple[pluggy.PluginManager, Registries]:
+    pm = get_plugin_manager(autoload)
+    return pm, collect_registries(pm)
+
+
+def get_registries() -> Registries:
+    """The process-wide registries (built once; `reset()` after installing or registering plugins)."""
+    return _cached(not _disabled(os.environ))[1]
+
+
+def get_default_manager() -> pluggy.PluginManager:
+    return _cached(not _disabled(os.environ))[0]
+
+
+def reset() -> None:
+    _cached.cache_clear()
+
+
+def head_class(name: str) -> Any:
+    return get_registries().heads.get(name)
+
+
+def tokenizer_class(name: str) -> Any:
+    return get_registries().tokenizers.get(name)
+
+
+def dataset_class(name: str) -> Any:
+    return get_registries().datasets.get(name)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from beitdist.backbone.config import ConfigError
 from beitdist.backbone.convert import CheckpointError
+from beitdist.plugins import PluginError, UnknownPluginError
 
 log = logging.getLogger("beitdist")
 
@@ -35,6 +36,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from beitdist.plugins import get_registries
+
+    registries = get_registries()
+    sections = [("heads", registries.heads), ("tokenizers", registries.tokenizers), ("datasets", registries.datasets)]
+    for title, registry in sections:
+        print(f"{title}:")
+        for entry in registry:
+            print(f"  {entry.name:24} {entry.package:32} ({entry.plugin})")
+        if not registry.names():
+            print("  (none)")
+    print("callbacks:")
+    for entry in registries.callbacks:
+        print(f"  {entry.name:24} {entry.package}")
+    if not registries.callbacks:
+        print("  (none)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beitdist", description="Train BEiT vision transformers at any scale.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -53,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--rel-pos-bias", choices=["shared", "per_block", "none"])
     convert.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     convert.set_defaults(run=_cmd_convert)
+
+    plugins = commands.add_parser(
+        "plugins",
+        help="list every head, tokenizer, dataset and callback, with the package it came from",
+        description="List the installed plugins (built-ins and setuptools entry points of the group 'beitdist').",
+    )
+    plugins.set_defaults(run=_cmd_plugins)
     return parser
 
 
@@ -63,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (CheckpointError, ConfigError, ValueError) as err:
+    except (CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

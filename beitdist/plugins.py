@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
@@ -139,11 +138,16 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         except Exception as err:  # an entry point that cannot be imported
             raise PluginError(f"a 'beitdist' entry point failed to load: {type(err).__name__}: {err}") from err
+    _check_pending(pm)
+    return pm
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
-        raise PluginError(f"plugin {err.plugin!r} implements a hook beitdist does not define: {err}") from None
-    return pm
+        name = pm.get_name(err.plugin) or repr(err.plugin)
+        raise PluginError(f"plugin {name!r} implements a hook beitdist does not define: {err}") from None
 
 
 def _packages(pm: pluggy.PluginManager) -> dict[int, str]:
@@ -177,23 +181,60 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
     return registries
 
 
-@functools.lru_cache(maxsize=None)
-def _cached(autoload: bool) -> tuple[pluggy.PluginManager, Registries]:
-    pm = get_plugin_manager(autoload)
-    return pm, collect_registries(pm)
+class _State:
+    """The process-wide plugin manager and the registries collected from it."""
 
-
-def get_registries() -> Registries:
-    """The process-wide registries (built once; `reset()` after installing or registering plugins)."""
-    return _cached(not _disabled(os.environ))[1]
+    manager: pluggy.PluginManager | None = None
+    registries: Registries | None = None
 
 
 def get_default_manager() -> pluggy.PluginManager:
-    return _cached(not _disabled(os.environ))[0]
+    """The process-wide plugin manager, built on first use."""
+    if _State.manager is None:
+        _State.manager = get_plugin_manager()
+    return _State.manager
+
+
+def get_registries() -> Registries:
+    """The registries of the process-wide manager (collected again after `register`/`unregister`)."""
+    if _State.registries is None:
+        _State.registries = collect_registries(get_default_manager())
+    return _State.registries
+
+
+def register(plugin: object, name: str | None = None) -> str:
+    """Add a plugin object (a module or any object with hookimpls) to the process-wide manager,
+    e.g. for one test; returns its name for `unregister`."""
+    pm = get_default_manager()
+    registered = pm.register(plugin, name=name)
+    _State.registries = None
+    try:
+        _check_pending(pm)
+        get_registries()
+    except Exception:
+        pm.unregister(name=registered)
+        _State.registries = None
+        raise
+    return registered
+
+
+def unregister(name: str) -> None:
+    get_default_manager().unregister(name=name)
+    _State.registries = None
 
 
 def reset() -> None:
-    _cached.cache_clear()
+    """Forget the manager: the next use rebuilds it (after installing a package, or changing
+    BEITDIST_DISABLE_PLUGIN_AUTOLOAD)."""
+    _State.manager = None
+    _State.registries = None
+
+
+def emit(event: str, **kwargs: Any) -> None:
+    """Call a training-event hook (`beitdist_on_step_end`, ...) on every plugin implementing it."""
+    if event not in hookspecs.EVENT_HOOKS:
+        raise ValueError(f"unknown event {event!r}; allowed: {', '.join(hookspecs.EVENT_HOOKS)}")
+    getattr(get_default_manager().hook, event)(**kwargs)
 
 
 def head_class(name: str) -> Any:

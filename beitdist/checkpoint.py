@@ -32,6 +32,7 @@ from beitdist.backbone.convert import (
     backbone_to_hf_config,
     detect_layout,
     hf_config_to_backbone,
+    hf_segmentation_options,
     hf_to_native,
     infer_backbone_config,
     infer_head,
@@ -137,6 +138,11 @@ def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: st
     head, options = infer_head(state)
     if hf_config is not None and head == "classification":
         options["num_classes"] = len(hf_config.get("id2label", {})) or options["num_classes"]
+    if hf_config is not None and head == "segmentation":
+        try:
+            options.update(hf_segmentation_options(hf_config, config.depth))
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}") from None
     return LoadedCheckpoint(state, config, head, options, where, layout)
 
 

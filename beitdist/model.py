@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,18 +11,7 @@ from torch import nn
 from beitdist.backbone.beit import Beit
 from beitdist.backbone.config import BackboneConfig
 from beitdist.heads.base import Head, HeadOutput
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor | None
-    """The head's output; None for a bare backbone."""
-    last_hidden_state: torch.Tensor | None
-    """(B, 1 + N, D) final tokens (None for heads that only read intermediate blocks)."""
-    pooler_output: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    aux_logits: torch.Tensor | None = None
-    """A second output of the head (segmentation's auxiliary FCN head)."""
+from beitdist.outputs import ModelOutput
 
 
 class BeitForTask(nn.Module):

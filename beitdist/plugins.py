@@ -26,6 +26,7 @@ BUILTIN_PACKAGE = "beitdist (built-in)"
 BUILTIN_PLUGINS = (
     "beitdist.heads.classification",
     "beitdist.heads.mim",
+    "beitdist.heads.segmentation",
 )
 
 

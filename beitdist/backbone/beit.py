@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,20 +11,11 @@ from torch.utils.checkpoint import checkpoint
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.layers import INIT_STD, Block, PatchEmbed, RelativePositionBias
+from beitdist.outputs import BackboneOutput
 
 
 class InputError(ValueError):
     """The tensors given to the model do not fit its config; the message says what was expected."""
-
-
-@dataclass
-class BackboneOutput:
-    last_hidden_state: torch.Tensor
-    """(B, 1 + N, D) tokens after the final norm (identity when pooling is 'mean' or 'none')."""
-    pooler_output: torch.Tensor | None
-    """(B, D) pooled vector: fc_norm(mean of patch tokens) or the CLS token; None for 'none'."""
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    """Embeddings and every block's output, when asked for."""
 
 
 def _trunc_normal(shape: tuple[int, ...]) -> nn.Parameter:
@@ -99,11 +89,7 @@ class Beit(nn.Module):
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, 1 + N, D) tokens after the last block and the final norm."""
-        x = self.embed(pixel_values, bool_masked_pos)
-        shared_bias = self.shared_bias()
-        for block in self.blocks:
-            x = self.run_block(block, x, shared_bias)
-        return self.norm(x)
+        return self(pixel_values, bool_masked_pos).last_hidden_state
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor | None:
         if self.config.pooling == "mean":
@@ -117,18 +103,42 @@ class Beit(nn.Module):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        intermediates: Sequence[int] | None = None,
     ) -> BackboneOutput:
-        if not output_hidden_states:
-            tokens = self.forward_features(pixel_values, bool_masked_pos)
-            return BackboneOutput(tokens, self.pool(tokens))
+        """Tokens and pooled vector; with `intermediates`, only the (B, 1 + N, D) outputs of those
+        blocks (0-based), in `BackboneOutput.intermediates`, running no block past the deepest.
+
+        Everything goes through this method (module call) because ZeRO-3 gathers a module's
+        parameters in its forward hooks.
+        """
         x = self.embed(pixel_values, bool_masked_pos)
         shared_bias = self.shared_bias()
-        states = [x]
+        if intermediates is not None:
+            wanted = self._block_indices(intermediates)
+            outputs: dict[int, torch.Tensor] = {}
+            for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+                x = self.run_block(block, x, shared_bias)
+                if i in wanted:
+                    outputs[i] = x
+            return BackboneOutput(None, None, intermediates=[outputs[i] for i in wanted])
+        states = [x] if output_hidden_states else None
         for block in self.blocks:
             x = self.run_block(block, x, shared_bias)
-            states.append(x)
+            if states is not None:
+                states.append(x)
         tokens = self.norm(x)
-        return BackboneOutput(tokens, self.pool(tokens), tuple(states))
+        return BackboneOutput(tokens, self.pool(tokens), tuple(states) if states is not None else None)
+
+    def _block_indices(self, indices: Sequence[int]) -> list[int]:
+        depth = len(self.blocks)
+        wanted = []
+        for index in indices:
+            if not -depth <= index < depth:
+                raise InputError(f"forward_intermediates: block index {index} out of range for depth {depth}")
+            wanted.append(index % depth)
+        if not wanted:
+            raise InputError("forward_intermediates: no block indices given")
+        return wanted
 
     def forward_intermediates(
         self,
@@ -140,30 +150,16 @@ class Beit(nn.Module):
         """Outputs of the blocks at `indices` (0-based, negatives from the end), for dense heads.
 
         NCHW maps drop the CLS token and fold the patch tokens back onto the grid; NLC keeps
-        (B, 1 + N, D). Blocks after the deepest index are not run.
+        (B, 1 + N, D).
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise InputError(f"output_fmt: got {output_fmt!r}; allowed: NCHW, NLC")
-        depth = len(self.blocks)
-        wanted = []
-        for index in indices:
-            if not -depth <= index < depth:
-                raise InputError(f"forward_intermediates: block index {index} out of range for depth {depth}")
-            wanted.append(index % depth)
-        x = self.embed(pixel_values, bool_masked_pos)
-        shared_bias = self.shared_bias()
-        outputs: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
-            x = self.run_block(block, x, shared_bias)
-            if i in wanted:
-                outputs[i] = x
+        outputs = self(pixel_values, bool_masked_pos, intermediates=indices).intermediates
         if output_fmt == "NLC":
-            return [outputs[i] for i in wanted]
+            return outputs
         height, width = self.config.grid_size
         batch = pixel_values.shape[0]
-        return [
-            outputs[i][:, 1:].transpose(1, 2).reshape(batch, -1, height, width).contiguous() for i in wanted
-        ]
+        return [x[:, 1:].transpose(1, 2).reshape(batch, -1, height, width).contiguous() for x in outputs]
 
     def _check_input(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> None:
         config = self.config

@@ -81,7 +81,7 @@ def unilm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         for prefix in _UNILM_PREFIXES:
             key = key.removeprefix(prefix)
         if key.startswith(("decode_head.", "auxiliary_head.", "fpn1.", "fpn2.", "fpn3.", "fpn4.")):
-            out["head." + key] = value
+            out["head." + re.sub(r"^(decode_head|auxiliary_head)\.conv_seg\.", r"\1.classifier.", key)] = value
         elif key.startswith("head."):
             out["head.classifier." + key.removeprefix("head.")] = value
         elif key.startswith("lm_head."):
@@ -304,8 +304,66 @@ def infer_head(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, dict
     if "head.lm_head.weight" in state_dict:
         return "mim", {"vocab_size": state_dict["head.lm_head.weight"].shape[0]}
     if any(k.startswith("head.decode_head.") for k in state_dict):
-        return "segmentation", {}
+        return "segmentation", _segmentation_shapes(state_dict)
     return None, {}
+
+
+def _segmentation_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Segmentation options the weights' shapes fix (classes, widths, auxiliary convs)."""
+    classifier = state_dict.get("head.decode_head.classifier.weight")
+    options: dict[str, Any] = {} if classifier is None else {
+        "num_classes": classifier.shape[0], "channels": classifier.shape[1]}
+    aux = state_dict.get("head.auxiliary_head.classifier.weight")
+    options["use_auxiliary_head"] = aux is not None
+    if aux is not None:
+        options["auxiliary_channels"] = aux.shape[1]
+        options["auxiliary_num_convs"] = sum(
+            bool(re.match(r"head\.auxiliary_head\.convs\.\d+\.conv\.weight$", k)) for k in state_dict)
+        options["auxiliary_concat_input"] = "head.auxiliary_head.conv_cat.conv.weight" in state_dict
+    return options
+
+
+# transformers' BeitForSemanticSegmentation feeds hidden_states[i - 1] for each out_index i, and
+# hidden_states[0] is the patch embedding: i selects block i - 2 (0-based), i = 0 the last block,
+# i = 1 the embedding. unilm's out_indices are the 0-based blocks themselves.
+def hf_out_indices_to_blocks(out_indices: list[int], depth: int) -> tuple[int, ...]:
+    blocks = []
+    for i in out_indices:
+        hidden = i - 1 if i - 1 >= 0 else i - 1 + depth + 1
+        if not 0 <= hidden <= depth:
+            raise CheckpointError(f"config.json: out_indices {out_indices} out of range for {depth} layers")
+        if hidden == 0:
+            raise CheckpointError(
+                f"config.json: out_index {i} selects the patch embedding (transformers reads hidden_states[{i - 1}]); "
+                "the segmentation head reads block outputs only")
+        blocks.append(hidden - 1)
+    return tuple(blocks)
+
+
+def blocks_to_hf_out_indices(blocks: list[int], depth: int) -> list[int]:
+    out = [0 if b % depth == depth - 1 else b % depth + 2 for b in blocks]
+    if len(set(out)) != len(out) or out != sorted(out):
+        raise CheckpointError(
+            f"block_indices {list(blocks)} cannot be expressed in transformers: its out_index i reads "
+            f"hidden_states[i - 1], so block b is out_index b + 2 and the last block only out_index 0, and "
+            f"BeitConfig wants out_indices ascending and distinct (here {out}); unilm's defaults, which end at the "
+            "last block, are such a case")
+    return out
+
+
+def hf_segmentation_options(hf: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """Segmentation options from a transformers config.json (what the shapes cannot tell)."""
+    out_indices = hf.get("out_indices") or hf.get("segmentation_indices")
+    if out_indices is None and hf.get("out_features"):
+        out_indices = [0 if f == "stem" else int(str(f).removeprefix("stage")) for f in hf["out_features"]]
+    options: dict[str, Any] = {}
+    if out_indices is not None:
+        options["block_indices"] = hf_out_indices_to_blocks(list(out_indices), depth)
+    for hf_key, key in (("pool_scales", "pool_scales"), ("auxiliary_loss_weight", "auxiliary_loss_weight"),
+                        ("semantic_loss_ignore_index", "ignore_index")):
+        if hf.get(hf_key) is not None:
+            options[key] = tuple(hf[hf_key]) if key == "pool_scales" else hf[hf_key]
+    return options
 
 
 HF_ARCHITECTURES = {
@@ -348,4 +406,17 @@ def backbone_to_hf_config(config: BackboneConfig, head: str | None, head_options
         hf["label2id"] = {f"LABEL_{i}": i for i in range(num)}
     elif head == "mim":
         hf["vocab_size"] = int(head_options["vocab_size"])
+    elif head == "segmentation":
+        if head_options["channels"] != config.embed_dim:
+            raise CheckpointError(f"transformers' UperNet width is hidden_size {config.embed_dim}, "
+                                  f"the head has channels {head_options['channels']}")
+        num = int(head_options["num_classes"])
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(num)}
+        hf["out_indices"] = blocks_to_hf_out_indices(head_options["block_indices"], config.depth)
+        hf["pool_scales"] = list(head_options["pool_scales"])
+        hf["semantic_loss_ignore_index"] = head_options["ignore_index"]
+        for key in ("use_auxiliary_head", "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input",
+                    "auxiliary_loss_weight"):
+            hf[key] = head_options[key]
     return hf

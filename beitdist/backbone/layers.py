@@ -139,7 +139,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
+        # Calling the submodule (rather than F.linear on its weight) lets ZeRO-3 gather the weight.
+        qkv = self.qkv(x)
+        bias = self.qkv_bias()
+        if bias is not None:
+            qkv = qkv + bias.to(qkv.dtype)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = shared_bias
         if self.relative_position_bias_table is not None:

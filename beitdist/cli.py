@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from beitdist.engine import DistInfo
+    from beitdist.recipe import load_recipe
+    from beitdist.train import run
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = run(recipe, DistInfo.from_env())
+    if result.final_dir is not None:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
+        print(f"finished {recipe.name} at step {result.step}: {metrics}")
+        print(f"final weights: {result.final_dir}")
+    return EXIT_OK
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from beitdist.plugins import get_registries
 
@@ -55,6 +70,20 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _end_distributed_process(code: int) -> None:
+    """Leave a multi-rank run without interpreter teardown: torch's gloo teardown aborts now and
+    then (SIGABRT) after all work is done, which would turn a finished run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beitdist", description="Train BEiT vision transformers at any scale.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -68,11 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="unilm .pth, timm state dict, transformers directory or beitdist checkpoint")
     convert.add_argument("output", help="output directory (written atomically)")
     convert.add_argument("--to", choices=["hf", "beitdist"], default="hf")
-    convert.add_argument("--head", choices=["classification", "mim", "segmentation", "none"], default="none")
+    convert.add_argument("--head", default="none",
+                         help="head to build: a registered head (see `beitdist plugins`) or none (backbone only)")
     convert.add_argument("--image-size", type=int, help="new resolution: position tables are resampled")
     convert.add_argument("--rel-pos-bias", choices=["shared", "per_block", "none"])
     convert.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     convert.set_defaults(run=_cmd_convert)
+
+    train = commands.add_parser(
+        "train",
+        help="train a recipe in this process (one rank; run it under torchrun for several)",
+        description="Run the training loop of a recipe without Ray: a single process, or each rank of torchrun.",
+    )
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    train.set_defaults(run=_cmd_train)
 
     plugins = commands.add_parser(
         "plugins",
@@ -89,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        code = run(args)
+        if args.command == "train":
+            _end_distributed_process(code)
+        return code
     except (CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

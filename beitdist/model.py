@@ -76,9 +76,19 @@ def build_model(config: BackboneConfig, head: str | None = None, head_options: A
     head_cls = head_class(head) if head is not None else None
     if head_cls is not None:
         options = head_cls.parse_options(head_options)
-        if head_cls.pooling is not None and config.pooling not in head_cls.pooling:
-            config = config.replace(pooling=head_cls.pooling[0])
+        # a pyramid head reads intermediate blocks only: no final norm or pooler to leave unused
+        allowed = head_cls.pooling or (("none",) if head_cls.needs == "pyramid" else None)
+        if allowed is not None and config.pooling not in allowed:
+            config = config.replace(pooling=allowed[0])
         if head_cls.uses_mask and not config.use_mask_token:
             config = config.replace(use_mask_token=True)
     backbone = Beit(config)
-    return BeitForTask(backbone, head_cls(config, options) if head_cls else None)
+    head_module = head_cls(config, options) if head_cls else None
+    if head_module is not None and head_module.needs == "pyramid":
+        indices = tuple(head_module.block_indices)
+        if not indices or not all(-config.depth <= i < config.depth for i in indices):
+            raise ValueError(
+                f"head {head_module.name!r} needs the backbone's blocks {list(indices)}, but the backbone has "
+                f"{config.depth} blocks (block_indices must be set in the head's constructor, 0-based)"
+            )
+    return BeitForTask(backbone, head_module)

@@ -27,6 +27,10 @@ BUILTIN_PLUGINS = (
     "beitdist.heads.classification",
     "beitdist.heads.mim",
     "beitdist.heads.segmentation",
+    "beitdist.tokenizers.dalle",
+    "beitdist.tokenizers.codebook",
+    "beitdist.data.datasets",
+    "beitdist.data.tar_shards",
 )
 
 
@@ -207,7 +211,10 @@ def register(plugin: object, name: str | None = None) -> str:
     """Add a plugin object (a module or any object with hookimpls) to the process-wide manager,
     e.g. for one test; returns its name for `unregister`."""
     pm = get_default_manager()
-    registered = pm.register(plugin, name=name)
+    try:
+        registered = pm.register(plugin, name=name)
+    except ValueError as err:  # pluggy: name or object already registered
+        raise PluginError(f"cannot register plugin {name or plugin!r}: {err}") from None
     _State.registries = None
     try:
         _check_pending(pm)

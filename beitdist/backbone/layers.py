@@ -1,10 +1,10 @@
 """The building blocks of the BEiT encoder.
 
 Parameter names match unilm's and timm's (`norm1`, `attn.qkv`, `q_bias`, `gamma_1`, ...), so their
-checkpoints load with no renaming. Every module initialises its own parameters in its constructor
-(trunc-normal 0.02, BEiT's per-block rescale), which is what `deepspeed.zero.Init` needs: a module's
-parameters are partitioned as soon as its constructor returns, so a later `model.apply(init)`
-would touch empty shards.
+checkpoints load with no renaming. Every parameter is initialised by the module that owns it, in
+its own constructor (trunc-normal 0.02, BEiT's per-block rescale), which is what
+`deepspeed.zero.Init` needs: a module's parameters are partitioned as soon as its constructor
+returns, so a later `model.apply(init)` would touch empty shards.
 """
 
 from __future__ import annotations
@@ -18,14 +18,25 @@ from torch import nn
 INIT_STD = 0.02
 
 
-def init_linear_(linear: nn.Linear, scale: float = 1.0) -> None:
-    """BEiT's Linear init: truncated normal (std 0.02) times `scale`, zero bias."""
-    with torch.no_grad():
-        nn.init.trunc_normal_(linear.weight, std=INIT_STD, a=-2.0, b=2.0)
-        if scale != 1.0:
-            linear.weight.mul_(scale)
-        if linear.bias is not None:
-            nn.init.zeros_(linear.bias)
+class TruncNormalLinear(nn.Linear):
+    """Linear with BEiT's init: truncated normal (std 0.02) times `init_scale`, zero bias.
+
+    The init runs in `reset_parameters`, i.e. inside the Linear's own constructor: under
+    `deepspeed.zero.Init` a module's parameters are partitioned as soon as its constructor
+    returns, so initialising them afterwards from the parent would touch empty shards.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_scale: float = 1.0) -> None:
+        self.init_scale = init_scale
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.weight, std=INIT_STD, a=-2.0, b=2.0)
+            if self.init_scale != 1.0:
+                self.weight.mul_(self.init_scale)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
 
 def activation(name: str) -> nn.Module:
@@ -113,7 +124,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = TruncNormalLinear(dim, 3 * dim, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -127,10 +138,8 @@ class Attention(nn.Module):
             self.relative_position_bias_table = None
             self.relative_position_index = None
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = TruncNormalLinear(dim, dim, init_scale=proj_init_scale)
         self.proj_drop = nn.Dropout(proj_drop)
-        init_linear_(self.qkv)
-        init_linear_(self.proj, scale=proj_init_scale)
 
     def qkv_bias(self) -> torch.Tensor | None:
         if self.q_bias is None:
@@ -161,12 +170,10 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, drop: float, fc2_init_scale: float = 1.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = TruncNormalLinear(dim, hidden)
         self.act = activation(act)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = TruncNormalLinear(hidden, dim, init_scale=fc2_init_scale)
         self.drop = nn.Dropout(drop)
-        init_linear_(self.fc1)
-        init_linear_(self.fc2, scale=fc2_init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

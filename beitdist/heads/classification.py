@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
-from beitdist.backbone.layers import init_linear_
+from beitdist.backbone.layers import TruncNormalLinear
 from beitdist.heads.base import Head
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
@@ -44,8 +44,7 @@ class ClassificationHead(Head):
     def __init__(self, backbone: BackboneConfig, options: ClassificationOptions | None = None) -> None:
         super().__init__(backbone, options)
         self.dropout = nn.Dropout(self.opts.dropout)
-        self.classifier = nn.Linear(backbone.embed_dim, self.opts.num_classes)
-        init_linear_(self.classifier, scale=self.opts.init_scale)
+        self.classifier = TruncNormalLinear(backbone.embed_dim, self.opts.num_classes, init_scale=self.opts.init_scale)
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.classifier(self.dropout(features))

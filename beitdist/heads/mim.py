@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
-from beitdist.backbone.layers import init_linear_
+from beitdist.backbone.layers import TruncNormalLinear
 from beitdist.heads.base import Head
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
@@ -44,8 +44,7 @@ class MimHead(Head):
     def __init__(self, backbone: BackboneConfig, options: MimOptions | None = None) -> None:
         super().__init__(backbone, options)
         self.norm = nn.LayerNorm(backbone.embed_dim, eps=backbone.layer_norm_eps)
-        self.lm_head = nn.Linear(backbone.embed_dim, self.opts.vocab_size)
-        init_linear_(self.lm_head)
+        self.lm_head = TruncNormalLinear(backbone.embed_dim, self.opts.vocab_size)
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.norm(features[:, 1:]))

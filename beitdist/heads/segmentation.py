@@ -129,12 +129,32 @@ class HeadBatchNorm(nn.SyncBatchNorm):
 
 
 # ------------------------------------------------------------------ building blocks
+class KaimingConv2d(nn.Conv2d):
+    """mmseg's ConvModule init: kaiming-normal (fan_out, relu). Done in `reset_parameters`, inside
+    the conv's own constructor, so it also holds under deepspeed.zero.Init (which partitions a
+    module's parameters when its constructor returns)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class ClassifierConv2d(nn.Conv2d):
+    """mmseg's classifier init: N(0, 0.01), zero bias (in the constructor, see KaimingConv2d)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.01)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class ConvModule(nn.Module):
     """mmcv's ConvModule as BEiT uses it: conv (no bias) -> BN -> ReLU, names `conv` / `bn`."""
 
     def __init__(self, cin: int, cout: int, kernel: int, sync: SyncMode, padding: int = 0) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=padding, bias=False)
+        self.conv = KaimingConv2d(cin, cout, kernel, padding=padding, bias=False)
         self.bn = HeadBatchNorm(cout, sync)
         self.activate = nn.ReLU()
 
@@ -160,7 +180,7 @@ class UperNetHead(nn.Module):
         self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3, sync, padding=1) for _ in range(3))
         self.fpn_bottleneck = ConvModule(4 * channels, channels, 3, sync, padding=1)
         self.dropout = nn.Dropout2d(opts.dropout)
-        self.classifier = nn.Conv2d(channels, opts.num_classes, 1)
+        self.classifier = ClassifierConv2d(channels, opts.num_classes, 1)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         top = maps[-1]
@@ -193,7 +213,7 @@ class FCNHead(nn.Module):
             ConvModule(dim + channels, channels, 3, sync, padding=1) if opts.auxiliary_concat_input else None
         )
         self.dropout = nn.Dropout2d(opts.dropout)
-        self.classifier = nn.Conv2d(channels, opts.num_classes, 1)
+        self.classifier = ClassifierConv2d(channels, opts.num_classes, 1)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         x = inputs = maps[2]
@@ -232,7 +252,6 @@ class SegmentationHead(Head):
         self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.decode_head = UperNetHead(dim, self.channels, opts)
         self.auxiliary_head = FCNHead(dim, opts) if opts.use_auxiliary_head else None
-        self.apply(_init_weights)
 
     def options(self) -> dict[str, Any]:
         """With the defaults resolved, so a checkpoint says which blocks and width it was built with."""
@@ -267,19 +286,6 @@ class SegmentationHead(Head):
 
     def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return metrics_from_areas(state)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """mmseg's init: ConvModule convs kaiming-normal (fan_out, relu), classifiers N(0, 0.01), BN 1/0;
-    the neck's transposed convs keep PyTorch's default, as in unilm."""
-    if isinstance(module, ConvModule):
-        nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, (UperNetHead, FCNHead)):
-        nn.init.normal_(module.classifier.weight, std=0.01)
-        nn.init.zeros_(module.classifier.bias)
-    elif isinstance(module, HeadBatchNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 @hookimpl

@@ -1,0 +1,340 @@
+"""The per-worker training loop: the same code under Ray, torchrun, or a single plain process.
+
+recipe -> plugins resolved by name in this process -> data loaders -> model (under zero.Init for
+ZeRO-3) -> DeepSpeed engine -> resume from the newest complete checkpoint -> steps, evaluations,
+checkpoints -> final fp32 weights consolidated into a beitdist checkpoint.
+
+Randomness is a function of (seed, step, rank) for the model (drop path) and of (seed, epoch,
+sample index) for the data, so a run resumed at step k replays exactly what an uninterrupted run
+would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from beitdist import engine as eng
+from beitdist import plugins
+from beitdist.checkpoint import load_model, save_checkpoint
+from beitdist.data.pipeline import build_loaders
+from beitdist.events import TrainContext
+from beitdist.model import BeitForTask, ModelOutput, build_model
+from beitdist.optim import Schedule, apply_schedule, build_adamw, param_groups
+from beitdist.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "beitdist_state.json"
+RESULT_FILE = "train_result.json"
+Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+    final_dir: Path | None = None
+    checkpoint: Path | None = None
+
+
+def _seed_everything(seed: int, step: int, rank: int) -> None:
+    mixed = (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def _task(head_name: str) -> str:
+    return head_name if head_name in ("classification", "mim", "segmentation") else "classification"
+
+
+class Trainer:
+    """Holds the pieces of one run on one rank; `run()` drives it."""
+
+    def __init__(self, recipe: Recipe, dist_info: eng.DistInfo, reporter: Reporter | None = None) -> None:
+        self.recipe = recipe
+        self.dist_info = dist_info
+        self.reporter = reporter
+        self.run_dir = recipe.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        recipe = self.recipe
+        eng.init_distributed(self.dist_info)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = eng.device_for(self.dist_info)
+        _seed_everything(recipe.seed, 0, self.rank)
+        backbone = recipe.model.backbone_config()
+        if recipe.engine.activation_checkpointing:
+            backbone = backbone.replace(grad_checkpointing=True)
+        self.tokenizer = None
+        if recipe.tokenizer.name is not None:
+            tok_cls = plugins.tokenizer_class(recipe.tokenizer.name)
+            self.tokenizer = tok_cls(recipe.tokenizer.options).to(self.device).eval()
+        self.train_loader, self.val_loader = build_loaders(
+            recipe.data, _task(recipe.head.name), backbone.image_size[0], backbone.patch_size,
+            rank=self.rank, world_size=self.world, seed=recipe.seed,
+            tokenizer_input_size=getattr(self.tokenizer, "input_size", None),
+        )
+        self.resume_tag, universal = self._resume_tag()
+        ds_config = eng.deepspeed_config(recipe.engine, recipe.optim, recipe.data.batch_size, self.world)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        _seed_everything(recipe.seed, 0, rank=0)  # the same initial weights on every rank (ZeRO-3 shards them)
+        with eng.model_construction(recipe.engine, ds_config):
+            model = build_model(backbone, recipe.head.name, recipe.head.options)
+        if recipe.model.init and self.resume_tag is None:
+            self._init_weights(model)
+        groups = param_groups(model, recipe.optim)
+        optimizer = build_adamw(groups, recipe.optim, cpu_offload=recipe.engine.resolved()["offload_optimizer"])
+        import deepspeed
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module: BeitForTask = self.engine.module
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.engine.precision, torch.float32)
+        self.schedule = Schedule(recipe.optim, recipe.train.steps)
+        self.step, self.loader_state = 0, None
+        if self.resume_tag is not None:
+            self._load(self.resume_tag)
+        self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
+                                    extras={"resumed_step": self.step})
+
+    def _resume_tag(self) -> tuple[str | None, bool]:
+        tags = eng.complete_tags(self.ckpt_dir)
+        if not tags:
+            return None, False
+        tag = tags[0]
+        newest = sorted((p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir() and "universal" not in p.name),
+                        key=lambda t: int(t.removeprefix("step_")), reverse=True)
+        if newest and newest[0] != tag:
+            log.warning("newest checkpoint %s is incomplete; resuming from %s", newest[0], tag)
+        saved = eng.saved_world_size(self.ckpt_dir / tag)
+        if saved == self.world:
+            return tag, False
+        log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
+                 tag, saved, self.world)
+        if self.rank == 0:
+            eng.to_universal(self.ckpt_dir, tag)
+        dist.barrier()
+        return f"{tag}_universal", True
+
+    def _init_weights(self, model: BeitForTask) -> None:
+        recipe = self.recipe
+        state: dict[str, torch.Tensor] = {}
+        if self.rank == 0:
+            source = load_model(recipe.model.init, recipe.head.name, head_options=recipe.head.options,
+                                trust_pickle=recipe.model.trust_pickle, **recipe.model.backbone_config().to_dict())
+            state = source.state_dict()
+            log.info("initialised weights from %s", recipe.model.init)
+        eng.load_weights_into(model, state)
+
+    def _load(self, tag: str) -> None:
+        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        state = json.loads((self.ckpt_dir / tag.removesuffix("_universal") / STATE_FILE).read_text())
+        self.step, self.loader_state = state["step"], state["loader"]
+        log.info("resumed from %s at step %d", tag, self.step)
+
+    # ------------------------------------------------------------------- data
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches forever; the loader moves to the next epoch after each full pass and
+        counts what it delivered, so its state_dict() is exactly where a resumed run continues."""
+        if self.loader_state is not None:
+            self.train_loader.load_state_dict(self.loader_state)
+        while True:
+            yield from self.train_loader
+
+    def _prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.tokenizer is not None and "tokenizer_pixels" in batch:
+            with torch.no_grad():
+                batch["labels"] = self.tokenizer.encode(batch["tokenizer_pixels"])
+        return batch
+
+    def _forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:
+        pixels = batch["pixel_values"].to(self.dtype)
+        return self.engine(pixels, batch.get("bool_masked_pos"))
+
+    # ------------------------------------------------------------------- loop
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches. A micro-batch whose loss is not
+        finite on any rank is dropped (no backward, no engine step) and replaced by the next."""
+        _seed_everything(self.recipe.seed, self.step, self.rank)
+        accum = self.recipe.engine.grad_accum
+        done, bad, losses, images, start = 0, 0, [], 0, time.perf_counter()
+        while done < accum:
+            batch = self._prepare(next(batches))
+            out = self._forward(batch)
+            loss = self.module.loss(out, batch)
+            if not self._all_finite(loss):
+                bad += 1
+                log.warning("step %d: non-finite loss (%s) skipped (%d in a row)", self.step, loss.item(), bad)
+                if bad >= self.recipe.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{bad} consecutive non-finite losses at step {self.step}; stopping. The last good "
+                        f"checkpoint is kept in {self.ckpt_dir} (lower optim.lr or check the data)"
+                    )
+                continue
+            self.engine.backward(loss)
+            if done == accum - 1:
+                lr = apply_schedule(self.optimizer, self.schedule, self.step)
+                own_norm = self._grad_norm() if self.recipe.engine.stage == 0 else None
+            self.engine.step()
+            losses.append(loss.item())
+            images += batch["pixel_values"].shape[0]
+            done += 1
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_norm
+        loss_value = float(np.mean(losses))
+        self.losses.append(loss_value)
+        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                "images_per_s": images / (time.perf_counter() - start)}
+
+    def _grad_norm(self) -> float | None:
+        """Global gradient norm before clipping, for engines that do not report one (ZeRO 0 fp32)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def evaluate(self) -> dict[str, float]:
+        from beitdist.heads.segmentation_eval import slide_inference
+
+        if self.val_loader is None:
+            return {}
+        self.engine.eval()
+        head = self.module.head
+        totals: dict[str, torch.Tensor] = {}
+        loss_sum, count = torch.zeros((), dtype=torch.float64), 0
+        slide = self.recipe.train.eval_mode == "slide" and head.name == "segmentation"
+        with torch.no_grad():
+            batches = list(self.val_loader)
+            most = torch.tensor([len(batches)])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            for i in range(int(most.item())):
+                batch = self._prepare(batches[min(i, len(batches) - 1)]) if batches else None
+                if batch is None:
+                    raise RuntimeError(f"rank {self.rank} has no validation batches")
+                if slide:
+                    size = self.module.config.image_size[0]
+                    logits = slide_inference(lambda x: self._forward({"pixel_values": x}).logits,
+                                             batch["pixel_values"], crop=size, stride=size * 2 // 3,
+                                             num_classes=head.opts.num_classes)
+                    out = ModelOutput(logits=logits, last_hidden_state=None)
+                else:
+                    out = self._forward(batch)
+                if i >= len(batches):
+                    continue  # keeps ZeRO-3's collective gathers in step with the other ranks
+                loss_sum += float(self.module.loss(out, batch))
+                count += 1
+                for key, value in head.metric_state(out, batch).items():
+                    totals[key] = totals.get(key, 0) + value.double().cpu()
+        keys = sorted(totals)
+        packed = torch.stack([totals[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
+        dist.all_reduce(packed)
+        stats = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        reduced = {k: packed[i].reshape(totals[k].shape) for i, k in enumerate(keys)}
+        metrics = {f"val_{k}": v for k, v in head.compute_metrics(reduced).items()}
+        metrics["val_loss"] = float(stats[0] / max(stats[1], 1))
+        self.engine.train()
+        return metrics
+
+    def save(self, metrics: Mapping[str, float]) -> Path:
+        tag = f"step_{self.step}"
+        path = self.ckpt_dir / tag
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # a leftover from a crashed save of this step
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step}, save_latest=False)
+        if self.rank == 0:
+            state = {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
+                     "recipe": self.recipe.to_dict()}
+            eng._write_atomic(path / STATE_FILE, json.dumps(state, indent=1, default=str))
+        eng.finish_checkpoint(self.ckpt_dir, tag)
+        self._prune()
+        plugins.emit("beitdist_on_checkpoint_saved", context=self.context, step=self.step, path=str(path))
+        return path
+
+    def _prune(self) -> None:
+        if self.rank != 0:
+            return
+        keep = self.recipe.train.keep_checkpoints
+        for tag in eng.complete_tags(self.ckpt_dir)[keep:]:
+            shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+            shutil.rmtree(self.ckpt_dir / f"{tag}_universal", ignore_errors=True)
+
+    def consolidate(self, tag: str) -> Path:
+        """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint)."""
+        state = eng.consolidated_state_dict(self.ckpt_dir, tag)
+        recipe = self.recipe
+        model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        return save_checkpoint(model, self.run_dir / "final")
+
+    def run(self) -> TrainResult:
+        self.setup()
+        recipe, train = self.recipe, self.recipe.train
+        plugins.emit("beitdist_on_train_start", context=self.context)
+        batches = self._batches()
+        metrics: dict[str, float] = {}
+        checkpoint = None
+        while self.step < train.steps:
+            step_metrics = self.train_step(batches)
+            plugins.emit("beitdist_on_step_end", context=self.context, step=self.step, metrics=step_metrics)
+            if self.rank == 0 and train.log_every and self.step % train.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", self.step, train.steps, step_metrics["loss"],
+                         step_metrics["lr"], step_metrics["images_per_s"])
+            last = self.step == train.steps
+            if last or (train.eval_every and self.step % train.eval_every == 0):
+                metrics = self.evaluate()
+                plugins.emit("beitdist_on_eval_end", context=self.context, step=self.step, metrics=metrics)
+            if last or (train.checkpoint_every and self.step % train.checkpoint_every == 0):
+                checkpoint = self.save({**step_metrics, **metrics})
+                if self.reporter is not None:
+                    self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
+            elif self.reporter is not None and train.log_every and self.step % train.log_every == 0:
+                self.reporter({"step": self.step, **step_metrics}, None)
+        final_dir = None
+        if self.rank == 0 and checkpoint is not None:
+            final_dir = self.consolidate(checkpoint.name)
+        result = TrainResult(self.step, metrics, self.losses, final_dir, checkpoint)
+        if self.rank == 0:
+            summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
+                       "final_dir": str(final_dir) if final_dir else None, "world_size": self.world}
+            eng._write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
+        dist.barrier()
+        return result
+
+
+def run(recipe: Recipe, dist_info: eng.DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:
+    """Train `recipe` on this rank (one process of a torchrun / Ray / plain run)."""
+    return Trainer(recipe, dist_info or eng.DistInfo.from_env(), reporter).run()

@@ -1,0 +1,57 @@
+"""Running recipes as separate processes (torchrun with gloo), for the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from beitdist.engine import free_port
+
+TINY_RECIPE: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"variant": "tiny", "backbone": {"embed_dim": 32, "depth": 2, "num_heads": 2, "image_size": 16,
+                                               "patch_size": 4, "drop_path_rate": 0.1}},
+    "head": {"name": "classification", "options": {"num_classes": 10}},
+    "data": {"dataset": "digits", "batch_size": 8, "val_batch_size": 128,
+             "augment": {"rand_augment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "hflip": 0.0,
+                         "color_jitter": None, "scale": [0.6, 1.0]}},
+    "optim": {"lr": 3e-3, "warmup_steps": 2, "clip_grad": 1.0},
+    "engine": {"zero_stage": 0},
+    "train": {"steps": 6, "log_every": 1},
+}
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_recipe(recipe: dict[str, Any], tmp_path: Path, nproc: int = 2, timeout: int = 300,
+               expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """`beitdist train` on `nproc` gloo ranks (plain process for 1); output under tmp_path/runs."""
+    recipe = merge(recipe, {"output_dir": str(tmp_path / "runs")})
+    path = tmp_path / f"{recipe['name']}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "beitdist", "-v", "train", str(path)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "beitdist", "-v", "train", str(path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def result_of(recipe: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "runs" / recipe["name"] / "train_result.json").read_text())

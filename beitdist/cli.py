@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     train.set_defaults(run=_cmd_train)
 
+    from beitdist.tokenizers.fit import add_tokenizer_cli
+
+    add_tokenizer_cli(commands)
+
     plugins = commands.add_parser(
         "plugins",
         help="list every head, tokenizer, dataset and callback, with the package it came from",
@@ -135,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as err:
+        if type(err).__name__ != "NonFiniteLossError":
+            raise
+        print(f"beitdist {args.command}: run failed: {err}", file=sys.stderr)
+        _end_distributed_process(EXIT_FAILED)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"beitdist {args.command}: interrupted", file=sys.stderr)
         return EXIT_FAILED

@@ -73,6 +73,9 @@ class TrainSection:
     """Stop after this many consecutive non-finite losses (steps with NaN/inf are skipped)."""
     eval_mode: str = "whole"
     """Segmentation: 'whole' image or 'slide' (sliding window)."""
+    stop_at: int = 0
+    """Stop after this step with a checkpoint, as a preempted job would (0: run to the end); the
+    next launch of the same run resumes from it. For time-boxed jobs and resume tests."""
 
     def __post_init__(self) -> None:
         check(self.steps > 0, "steps", f"expected > 0, got {self.steps}")
@@ -81,6 +84,7 @@ class TrainSection:
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"expected >= 1, got {self.keep_checkpoints}")
         check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", f"expected >= 1, got {self.max_nonfinite_steps}")
         check(self.eval_mode in ("whole", "slide"), "eval_mode", f"got {self.eval_mode!r}; allowed: whole, slide")
+        check(0 <= self.stop_at <= self.steps, "stop_at", f"expected 0 <= stop_at <= steps, got {self.stop_at}")
 
 
 @dataclass(frozen=True)

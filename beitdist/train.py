@@ -314,15 +314,20 @@ class Trainer:
                 log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", self.step, train.steps, step_metrics["loss"],
                          step_metrics["lr"], step_metrics["images_per_s"])
             last = self.step == train.steps
+            stopping = self.step == train.stop_at
             if last or (train.eval_every and self.step % train.eval_every == 0):
                 metrics = self.evaluate()
                 plugins.emit("beitdist_on_eval_end", context=self.context, step=self.step, metrics=metrics)
-            if last or (train.checkpoint_every and self.step % train.checkpoint_every == 0):
+            if last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0):
                 checkpoint = self.save({**step_metrics, **metrics})
                 if self.reporter is not None:
                     self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
             elif self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)
+            if stopping and not last:
+                log.info("stopping at step %d as asked (train.stop_at); the next launch resumes here", self.step)
+                dist.barrier()
+                return TrainResult(self.step, metrics, self.losses, None, checkpoint)
         final_dir = None
         if self.rank == 0 and checkpoint is not None:
             final_dir = self.consolidate(checkpoint.name)

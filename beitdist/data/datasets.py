@@ -1,0 +1,292 @@
+"""Built-in map-style datasets: scikit-learn's digits, image folders, ADE20K.
+
+Each is a `DatasetPlugin` (name, Options, build) registered through the hook at the bottom. Files are
+listed when the dataset is built (so a wrong path fails at once, naming it) but decoded only in
+`__getitem__`, where an unreadable file raises `CorruptImageError` naming it; the pipeline's
+`SkipCorrupt` wrapper then applies the recipe's `on_corrupt` policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from beitdist.data.base import (
+    IMG_EXTENSIONS,
+    DatasetPlugin,
+    ImageDataset,
+    check_label,
+    check_label_map,
+    decode_image,
+)
+from beitdist.hookspecs import hookimpl
+from beitdist.schema import check
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------- digits
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int, train_fraction: float = 1.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices, each class split on its own: a permutation from (seed, class id), the first
+    round(n_c * val_fraction) to val, then the first max(1, round(train_fraction * rest)) of the rest
+    to train (a labelled subset that grows monotonically with train_fraction). Sorted."""
+    train, val = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[np.random.default_rng([int(seed), int(c)]).permutation(len(members))]
+        n_val = int(round(len(members) * val_fraction))
+        rest = members[n_val:]
+        n_train = max(1, int(round(len(rest) * train_fraction))) if len(rest) else 0
+        val.append(members[:n_val])
+        train.append(rest[:n_train])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+class DigitsDataset(ImageDataset):
+    """8x8 grey digits as RGB PIL images (levels 0..16 -> 0..255); upsampling is the transform's job."""
+
+    num_classes = 10
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
+                 transform: Callable[..., Any] | None = None) -> None:
+        super().__init__(transform)
+        self.images, self.labels, self.indices = images, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self, index: int) -> str:
+        return f"digits[{int(self.indices[index])}]"
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        i = int(self.indices[index])
+        grey = np.round(self.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+        return image, check_label(int(self.labels[i]), self.num_classes, self.describe(index))
+
+
+@dataclass(frozen=True)
+class DigitsOptions:
+    val_fraction: float = 0.2
+    seed: int = 0
+    """Seed of the split (not of augmentation): the split stays fixed when the run's seed changes."""
+    train_fraction: float = 1.0
+    """Keep this fraction of each class's training images (labelled-subset experiments)."""
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.val_fraction < 1.0, "val_fraction", f"expected a value in (0, 1), got {self.val_fraction}")
+        check(0.0 < self.train_fraction <= 1.0, "train_fraction", f"expected (0, 1], got {self.train_fraction}")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> Any:
+    """scikit-learn parses its bundled CSV on every call; the train and val splits share one load."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ValueError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)") from err
+    return load_digits()
+
+
+class Digits(DatasetPlugin):
+    """scikit-learn's bundled handwritten digits: 1,797 real images, 10 classes, no download."""
+
+    name = "digits"
+    Options = DigitsOptions
+
+    @classmethod
+    def build(cls, options: DigitsOptions, split: str, transform: Callable[..., Any] | None = None) -> DigitsDataset:
+        data = _load_digits()
+        train, val = stratified_split(data.target, options.val_fraction, options.seed, options.train_fraction)
+        return DigitsDataset(data.images, data.target, train if split == "train" else val, transform)
+
+
+# --------------------------------------------------------------------------------- image folder
+def _is_image(name: str, extensions: tuple[str, ...]) -> bool:
+    return name.lower().endswith(extensions)
+
+
+def list_image_folder(root: Path, classes: list[str], extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+    """torchvision's make_dataset: per class (in the given order) every image below its directory,
+    walked recursively in sorted order, following links."""
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = root / name
+        if not class_dir.is_dir():
+            continue
+        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+            samples.extend((os.path.join(dirpath, f), label) for f in sorted(filenames) if _is_image(f, extensions))
+    return samples
+
+
+class FolderDataset(ImageDataset):
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str],
+                 transform: Callable[..., Any] | None = None) -> None:
+        super().__init__(transform)
+        self.samples, self.classes, self.num_classes = samples, classes, len(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return decode_image(path), check_label(label, self.num_classes, path)
+
+
+@dataclass(frozen=True)
+class ImageFolderOptions:
+    root: str
+    """Directory holding one sub-directory per split, each with one sub-directory per class."""
+    train_split: str = "train"
+    val_split: str | None = "val"
+    """None: no validation loader."""
+    extensions: tuple[str, ...] = IMG_EXTENSIONS
+
+    def __post_init__(self) -> None:
+        check(bool(self.root), "root", "give the dataset directory")
+        check(all(e.startswith(".") for e in self.extensions), "extensions", "each must start with a dot, e.g. '.jpg'")
+
+
+def _split_dir(root: str, split: str) -> Path:
+    layout = f"{root}/<split>/<class>/<image> (e.g. {root}/{split}/cat/0001.jpg)"
+    if not Path(root).is_dir():
+        raise ValueError(f"image_folder: root {root!r} is not a directory; expected the layout {layout}")
+    path = Path(root) / split
+    if not path.is_dir():
+        found = sorted(p.name for p in Path(root).iterdir() if p.is_dir())[:10]
+        raise ValueError(f"image_folder: split directory {str(path)!r} does not exist (found {found}); "
+                         f"expected the layout {layout}")
+    return path
+
+
+class ImageFolder(DatasetPlugin):
+    """torchvision ImageFolder semantics: classes are the sorted sub-directory names of the TRAIN split;
+    the val split uses the same class ids (a val class unknown to train is an error)."""
+
+    name = "image_folder"
+    Options = ImageFolderOptions
+
+    @classmethod
+    def classes(cls, options: ImageFolderOptions) -> list[str]:
+        train_dir = _split_dir(options.root, options.train_split)
+        classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+        if not classes:
+            raise ValueError(f"image_folder: no class directories in {str(train_dir)!r}; expected "
+                             f"{train_dir}/<class>/<image>")
+        return classes
+
+    @classmethod
+    def build(cls, options: ImageFolderOptions, split: str, transform: Callable[..., Any] | None = None
+              ) -> FolderDataset | None:
+        name = options.train_split if split == "train" else options.val_split
+        if name is None:
+            return None
+        classes = cls.classes(options)
+        split_dir = _split_dir(options.root, name)
+        unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(classes))
+        if unknown:
+            raise ValueError(f"image_folder: classes {unknown[:10]} in {str(split_dir)!r} are not in the train "
+                             f"split {options.train_split!r}, whose classes define the label ids")
+        samples = list_image_folder(split_dir, classes, tuple(e.lower() for e in options.extensions))
+        if not samples:
+            raise ValueError(f"image_folder: no images with extensions {list(options.extensions)} under "
+                             f"{str(split_dir)!r}; expected {split_dir}/<class>/<image>")
+        empty = sorted(set(classes) - {classes[label] for _, label in samples})
+        if empty and split == "train":
+            raise ValueError(f"image_folder: class directories without images in {str(split_dir)!r}: {empty[:10]}")
+        if empty:
+            logger.warning("image_folder: %d classes have no images in %s: %s", len(empty), split_dir, empty[:10])
+        return FolderDataset(samples, classes, transform)
+
+
+# -------------------------------------------------------------------------------------- ADE20K
+class SegmentationDataset(ImageDataset):
+    """(image, label map) pairs; the map is reduced (0 -> 255, others - 1) when `reduce_labels`."""
+
+    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, reduce_labels: bool,
+                 transform: Callable[..., Any] | None = None) -> None:
+        super().__init__(transform)
+        self.pairs, self.num_classes, self.reduce_labels = pairs, num_classes, reduce_labels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def describe(self, index: int) -> str:
+        return self.pairs[index][0]
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        image_path, label_path = self.pairs[index]
+        image = decode_image(image_path)
+        labels = np.array(decode_image(label_path, mode=None))
+        if labels.ndim != 2:
+            raise ValueError(f"{label_path}: a label map must have one channel of class ids, got shape {labels.shape}")
+        if labels.shape != (image.height, image.width):
+            raise ValueError(f"{label_path}: label map is {labels.shape[1]}x{labels.shape[0]} but image "
+                             f"{image_path} is {image.width}x{image.height}")
+        labels = labels.astype(np.int64)
+        if self.reduce_labels:  # transformers' / mmseg's reduce_zero_label: 0 -> 255, others - 1
+            labels = np.where(labels == 0, 255, labels - 1)
+            labels[labels == 254] = 255
+        check_label_map(labels, self.num_classes, label_path)
+        return image, labels
+
+
+@dataclass(frozen=True)
+class Ade20kOptions:
+    root: str
+    """ADEChallengeData2016 directory: images/{training,validation}/*.jpg, annotations/{...}/*.png."""
+    reduce_labels: bool = True
+    """0 ("other") becomes 255 (ignored), classes 1..150 become 0..149."""
+    num_classes: int = 150
+
+    def __post_init__(self) -> None:
+        check(bool(self.root), "root", "give the ADEChallengeData2016 directory")
+        check(0 < self.num_classes <= 255, "num_classes", f"expected 1..255, got {self.num_classes}")
+
+
+class Ade20k(DatasetPlugin):
+    name = "ade20k"
+    Options = Ade20kOptions
+    SPLITS = {"train": "training", "val": "validation"}
+
+    @classmethod
+    def build(cls, options: Ade20kOptions, split: str, transform: Callable[..., Any] | None = None
+              ) -> SegmentationDataset:
+        sub = cls.SPLITS[split]
+        layout = f"{options.root}/images/{sub}/<name>.jpg and {options.root}/annotations/{sub}/<name>.png"
+        image_dir, label_dir = Path(options.root) / "images" / sub, Path(options.root) / "annotations" / sub
+        for d in (image_dir, label_dir):
+            if not d.is_dir():
+                raise ValueError(f"ade20k: directory {str(d)!r} does not exist; expected the layout {layout}")
+        images = {Path(f).stem: f for f in sorted(os.listdir(image_dir)) if _is_image(f, IMG_EXTENSIONS)}
+        labels = {Path(f).stem: f for f in sorted(os.listdir(label_dir)) if f.lower().endswith(".png")}
+        if not images:
+            raise ValueError(f"ade20k: no images in {str(image_dir)!r}; expected the layout {layout}")
+        no_label, no_image = sorted(set(images) - set(labels)), sorted(set(labels) - set(images))
+        if no_label or no_image:
+            raise ValueError(f"ade20k ({split}): images and annotations do not pair up: "
+                             f"{len(no_label)} images without a .png annotation (e.g. {no_label[:5]}), "
+                             f"{len(no_image)} annotations without an image (e.g. {no_image[:5]})")
+        pairs = [(str(image_dir / images[k]), str(label_dir / labels[k])) for k in sorted(images)]
+        return SegmentationDataset(pairs, options.num_classes, options.reduce_labels, transform)
+
+
+@hookimpl
+def beitdist_register_datasets(registry: Any) -> None:
+    registry.add(Digits)
+    registry.add(ImageFolder)
+    registry.add(Ade20k)

@@ -1,0 +1,85 @@
+"""End-to-end training with DeepSpeed on 2 gloo ranks (torchrun), and the single-process path.
+
+Each run is a real `beitdist train` process tree; results are read from the run directory
+(`train_result.json`, checkpoints, the consolidated final weights), written before teardown.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def final_weights(recipe, tmp_path):
+    return load_file(str(tmp_path / "runs" / recipe["name"] / "final" / "model.safetensors"))
+
+
+def test_zero_stages_give_the_same_training(tmp_path):
+    base = merge(TINY_RECIPE, {"train": {"steps": 30}, "optim": {"lr": 5e-3}, "data": {"batch_size": 32}})
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        recipe = merge(base, {"name": f"zero{stage}", "engine": {"zero_stage": stage}})
+        run_recipe(recipe, tmp_path)
+        runs[stage] = (recipe, result_of(recipe, tmp_path))
+    reference_recipe, reference = runs[0]
+    losses = reference["losses"]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.03, losses
+    assert reference["world_size"] == 2 and 0.0 <= reference["metrics"]["val_top1"] <= 1.0
+    weights0 = final_weights(reference_recipe, tmp_path)
+    for stage in (1, 2, 3):
+        recipe, result = runs[stage]
+        assert result["losses"] == pytest.approx(losses, abs=1e-4), f"ZeRO-{stage}"
+        weights = final_weights(recipe, tmp_path)
+        assert sorted(weights) == sorted(weights0)
+        for key in weights0:
+            torch.testing.assert_close(weights[key], weights0[key], atol=1e-5, rtol=1e-4, msg=f"ZeRO-{stage} {key}")
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    base = merge(TINY_RECIPE, {"name": "whole", "train": {"steps": 6, "checkpoint_every": 3},
+                               "engine": {"zero_stage": 2}})
+    run_recipe(base, tmp_path)
+    interrupted = merge(base, {"name": "interrupted", "train": {"stop_at": 3}})
+    run_recipe(interrupted, tmp_path)
+    stopped = result_of(interrupted, tmp_path) if (tmp_path / "runs/interrupted/train_result.json").exists() else None
+    assert stopped is None  # a stopped run writes no final result
+    state = json.loads((tmp_path / "runs/interrupted/checkpoints/step_3/beitdist_state.json").read_text())
+    assert state["step"] == 3 and state["loader"]["position"] == 3 * 8 * 2
+    resumed = merge(base, {"name": "interrupted"})
+    out = run_recipe(resumed, tmp_path)
+    assert "resumed from step_3 at step 3" in out.stderr
+    whole, again = result_of(base, tmp_path), result_of(resumed, tmp_path)
+    assert again["losses"] == pytest.approx(whole["losses"][3:], abs=1e-6)
+    a, b = final_weights(base, tmp_path), final_weights(resumed, tmp_path)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_zero3_checkpoint_resumes_at_another_world_size(tmp_path, first, second):
+    recipe = merge(TINY_RECIPE, {"name": "elastic", "engine": {"zero_stage": 3}, "train": {"steps": 6, "stop_at": 3}})
+    run_recipe(recipe, tmp_path, nproc=first)
+    out = run_recipe(merge(recipe, {"train": {"stop_at": 0}}), tmp_path, nproc=second)
+    assert f"saved by {first} ranks, resuming on {second}" in out.stderr
+    assert "resumed from step_3_universal at step 3" in out.stderr
+    result = result_of(recipe, tmp_path)
+    assert result["step"] == 6 and result["world_size"] == second and len(result["losses"]) == 3
+    assert all(loss == loss and loss < 10 for loss in result["losses"])
+
+
+def test_non_finite_loss_stops_clearly_and_keeps_the_last_checkpoint(tmp_path):
+    recipe = merge(TINY_RECIPE, {"name": "diverge", "optim": {"lr": 1e30, "warmup_steps": 0, "clip_grad": 0.0},
+                                 "train": {"steps": 20, "checkpoint_every": 1, "max_nonfinite_steps": 2}})
+    out = run_recipe(recipe, tmp_path, nproc=1, expect_ok=False)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "consecutive non-finite losses" in out.stderr and "Traceback" not in out.stderr
+    checkpoints = sorted((tmp_path / "runs/diverge/checkpoints").glob("step_*"))
+    assert checkpoints, "the last good checkpoint is kept"
+    assert (checkpoints[-1] / "beitdist_manifest.json").exists()

@@ -112,9 +112,45 @@ def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
             if (path / name).exists():
                 return _from_foreign(unwrap(_read_tensors(path / name, trust_pickle), str(path / name)), hf, str(path))
         raise CheckpointError(f"{path}: config.json found but no model.safetensors or pytorch_model.bin")
+    training = _training_checkpoint(path)
+    if training is not None:
+        return training
     raise CheckpointError(
-        f"{path}: a directory, but neither a beitdist checkpoint ({NATIVE_CONFIG}) nor a transformers one (config.json)"
+        f"{path}: a directory, but neither a beitdist checkpoint ({NATIVE_CONFIG}), a transformers one "
+        "(config.json), nor a training run / DeepSpeed checkpoint (checkpoints/step_N with beitdist_state.json)"
     )
+
+
+TRAIN_STATE = "beitdist_state.json"
+
+
+def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
+    """A run directory (its `final/`, else its newest complete checkpoint), a run's `checkpoints/`
+    directory, or one DeepSpeed tag directory: ZeRO shards consolidated to fp32 weights, with the
+    model described by the recipe saved beside them. Evaluating a DeepSpeed checkpoint needs no
+    DeepSpeed engine and no recipe file."""
+    if (path / "final" / NATIVE_CONFIG).exists():
+        return _read_directory(path / "final", trust_pickle=False)
+    if (path / TRAIN_STATE).exists():
+        ckpt_dir, tag = path.parent, path.name
+    else:
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        from beitdist.engine import complete_tags
+
+        tags = complete_tags(ckpt_dir)
+        if not tags:
+            return None
+        ckpt_dir, tag = ckpt_dir, tags[0]
+    from beitdist.engine import consolidated_state_dict
+    from beitdist.recipe import parse_recipe
+
+    state_file = ckpt_dir / tag / TRAIN_STATE
+    recipe = parse_recipe(json.loads(state_file.read_text())["recipe"], str(state_file))
+    log.info("consolidating the ZeRO shards of %s", ckpt_dir / tag)
+    state = consolidated_state_dict(ckpt_dir, tag)
+    model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
+    return LoadedCheckpoint(state, model.config, model.head_name, model.head.options() if model.head else {},
+                            str(ckpt_dir / tag), "deepspeed")
 
 
 def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str) -> LoadedCheckpoint:
@@ -232,14 +268,16 @@ def load_model(
 ) -> BeitForTask:
     """Load a unilm .pth, a transformers directory, a timm state dict or a beitdist checkpoint.
 
-    `head` picks the head to build ("classification", "mim", "segmentation" or None for the bare
-    backbone). The checkpoint's own head is loaded when it is the same head with the same shapes;
+    `head` picks the head to build ("classification", "mim", "segmentation", a plugin's head, None
+    for the bare backbone, or "auto" for the checkpoint's own head). The checkpoint's own head is loaded when it is the same head with the same shapes;
     otherwise the new head starts fresh (fine-tuning from pretraining), which is logged.
     `backbone_overrides` change the architecture where that is a well-defined adaptation:
     `image_size` (tables and embeddings resampled), `rel_pos_bias="per_block"` from a shared table,
     `drop_path_rate`, `grad_checkpointing`, `pooling`, ...
     """
     ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
+    if head == "auto":
+        head = ckpt.head
     try:
         target = ckpt.config.replace(**backbone_overrides)
     except ConfigError as err:

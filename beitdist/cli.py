@@ -51,6 +51,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import torch
+
+    from beitdist.launcher import launch, make_plan
+    from beitdist.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    scaling = recipe.scaling
+    use_gpu = getattr(scaling, "use_gpu", None) if not isinstance(scaling, dict) else scaling.get("use_gpu")
+    use_gpu = torch.cuda.is_available() if use_gpu in (None, "auto") else bool(use_gpu)
+    plan = make_plan(recipe, use_gpu)
+    print(plan.describe(recipe))
+    if args.dry_run:
+        return EXIT_OK
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    result = launch(recipe, address=address, tracking_uri=tracking_uri)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
+    print(f"finished {recipe.name} at step {result['step']}: {metrics}")
+    print(f"final weights: {result['final_dir']}")
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from beitdist.launcher import _scaling
+    from beitdist.plan import GIB, activation_bytes, all_plans, count_parameters, smallest_fit
+    from beitdist.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    backbone = recipe.model.backbone_config()
+    world = args.gpus or _scaling(recipe)["num_workers"]
+    params = count_parameters(backbone, recipe.head.name, recipe.head.options)
+    activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
+                                   recipe.engine.activation_checkpointing)
+    plans = all_plans(params, world, recipe.engine.precision, activations)
+    print(f"{recipe.name}: {params / 1e6:.1f}M parameters, {backbone.image_size[0]} px, batch "
+          f"{recipe.data.batch_size} per rank, {world} ranks, {recipe.engine.precision}")
+    for p in plans:
+        print("  " + p.describe())
+    if args.gpu_mem:
+        fit = smallest_fit(plans, _parse_size(args.gpu_mem))
+        print(f"smallest setting that fits {args.gpu_mem}: " + (fit.describe().split("  ")[0] if fit else "none "
+              "(add ranks, lower the batch, or turn on activation checkpointing)"))
+    return EXIT_OK
+
+
+def _parse_size(text: str) -> float:
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"G": 1024**3, "M": 1024**2, "T": 1024**4}.get(value[-1:], None)
+    try:
+        return float(value[:-1]) * scale if scale else float(value) * 1024**3
+    except ValueError:
+        raise ValueError(f"--gpu-mem: expected a size like 80GB, got {text!r}") from None
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from beitdist.plugins import get_registries
 
@@ -94,15 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a unilm / timm / transformers / beitdist checkpoint",
         description="Read any supported checkpoint and write it as a transformers directory or a beitdist checkpoint.",
     )
-    convert.add_argument("source", help="unilm .pth, timm state dict, transformers directory or beitdist checkpoint")
+    convert.add_argument("source", help="unilm .pth, timm state dict, transformers directory, beitdist checkpoint, "
+                         "or a training run / DeepSpeed checkpoint directory (ZeRO shards are consolidated)")
     convert.add_argument("output", help="output directory (written atomically)")
     convert.add_argument("--to", choices=["hf", "beitdist"], default="hf")
-    convert.add_argument("--head", default="none",
-                         help="head to build: a registered head (see `beitdist plugins`) or none (backbone only)")
+    convert.add_argument("--head", default="auto",
+                         help="head to build: auto (the checkpoint's own, default), none (backbone only), "
+                         "or a registered head (see `beitdist plugins`)")
     convert.add_argument("--image-size", type=int, help="new resolution: position tables are resampled")
     convert.add_argument("--rel-pos-bias", choices=["shared", "per_block", "none"])
     convert.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     convert.set_defaults(run=_cmd_convert)
+    export = commands.add_parser(
+        "export", parents=[], help="export a training run (or any checkpoint) as a transformers directory",
+        description="Same as convert with --to hf by default: a run directory's final weights, or its newest "
+        "complete DeepSpeed checkpoint consolidated to fp32.",
+    )
+    for action in convert._actions[1:]:
+        export._add_action(action)
+    export.set_defaults(run=_cmd_convert, to="hf")
 
     train = commands.add_parser(
         "train",
@@ -112,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     train.set_defaults(run=_cmd_train)
+
+    launch = commands.add_parser(
+        "launch", help="run a recipe on Ray Train (local machine or a cluster), DeepSpeed workers, MLflow",
+        description="Validate the recipe, print the plan, schedule DeepSpeed workers with Ray Train, "
+        "resume the run of the same name if it exists, and print the final metrics.",
+    )
+    launch.add_argument("recipe", help="recipe YAML file")
+    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    launch.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    launch.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    launch.set_defaults(run=_cmd_launch)
+
+    plan = commands.add_parser("plan", help="per-rank memory under each ZeRO stage / offload for a recipe")
+    plan.add_argument("recipe")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--gpus", type=int, help="number of ranks (default: the recipe's scaling.num_workers)")
+    plan.add_argument("--gpu-mem", help="device memory per GPU, e.g. 80GB: report the smallest setting that fits")
+    plan.set_defaults(run=_cmd_plan)
 
     from beitdist.tokenizers.fit import add_tokenizer_cli
 
@@ -133,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         code = run(args)
-        if args.command == "train":
+        if args.command in ("train",):
             _end_distributed_process(code)
         return code
     except (CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:

@@ -1,0 +1,156 @@
+"""Ray Train: a recipe becomes a TorchTrainer whose workers run `beitdist.train` with DeepSpeed.
+
+Only a plain dict crosses the Ray boundary (`train_loop_config`); each worker parses it into a
+Recipe again and resolves plugins by name in its own process. Runs live in
+<output_dir>/<name>/ (the Ray storage path): re-launching the same name resumes from the newest
+complete checkpoint there, and Ray's FailureConfig restarts a failed worker group, which resumes
+the same way. Across nodes the output directory must be shared storage (NFS or similar).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from beitdist.recipe import Recipe, parse_recipe
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(ValueError):
+    """The launch cannot start (cluster unreachable, impossible scaling); nothing was started."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    world_size: int
+    use_gpu: bool
+    per_rank_batch: int
+    global_batch: int
+    zero_stage: int
+    steps: int
+    params: int
+    per_rank_gib: float
+    host_gib: float
+
+    def describe(self, recipe: Recipe) -> str:
+        device = "GPU" if self.use_gpu else "CPU"
+        lines = [
+            f"run            {recipe.name} -> {recipe.run_dir}",
+            f"model          {recipe.model.variant} backbone, head {recipe.head.name}, {self.params / 1e6:.1f}M parameters",
+            f"workers        {self.world_size} x {device} (placement {_scaling(recipe)['placement_strategy']})",
+            f"batch          {self.per_rank_batch} per rank x {recipe.engine.grad_accum} accumulation x "
+            f"{self.world_size} ranks = {self.global_batch} global",
+            f"engine         DeepSpeed ZeRO-{self.zero_stage}, {recipe.engine.precision}, {self.steps} steps",
+            f"memory         ~{self.per_rank_gib:.1f} GiB per rank on the device, {self.host_gib:.1f} GiB host (offload)",
+        ]
+        if self.use_gpu:
+            lines.append(f"needs          {self.world_size} GPUs with >= {self.per_rank_gib:.0f} GiB each")
+        return "\n".join(lines)
+
+
+def _scaling(recipe: Recipe) -> dict[str, Any]:
+    scaling = recipe.scaling
+    get = scaling.get if isinstance(scaling, dict) else (lambda k, d=None: getattr(scaling, k, d))
+    return {
+        "num_workers": int(get("num_workers", 1)),
+        "use_gpu": get("use_gpu", "auto"),
+        "resources_per_worker": dict(get("resources_per_worker", {}) or {}),
+        "placement_strategy": get("placement_strategy", "PACK"),
+        "max_failures": int(get("max_failures", 0)),
+    }
+
+
+def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
+    from beitdist.plan import activation_bytes, count_parameters, plan
+
+    scaling = _scaling(recipe)
+    world = scaling["num_workers"]
+    engine = recipe.engine.resolved()
+    backbone = recipe.model.backbone_config()
+    params = count_parameters(backbone, recipe.head.name, recipe.head.options)
+    activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
+                                   recipe.engine.activation_checkpointing)
+    memory = plan(params, world, engine["zero_stage"], recipe.engine.precision, engine["offload_optimizer"],
+                  engine["offload_params"], activations)
+    return LaunchPlan(world, use_gpu, recipe.data.batch_size, recipe.data.batch_size * recipe.engine.grad_accum * world,
+                      engine["zero_stage"], recipe.train.steps, params, memory.device_total / 1024**3,
+                      memory.cpu / 1024**3)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in every Ray worker: rebuild the recipe, train, report progress to Ray."""
+    import ray.train
+
+    from beitdist.engine import DistInfo
+    from beitdist.train import run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    context = ray.train.get_context()
+    recipe = parse_recipe(config["recipe"], "recipe (sent to the worker)")
+    dist_info = DistInfo(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                         local_rank=context.get_local_rank())
+
+    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if checkpoint is not None:
+            clean["checkpoint_step"] = float(metrics.get("step", 0))
+        ray.train.report(clean)
+
+    run(recipe, dist_info, reporter=report)
+
+
+def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": env_vars}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+        where = address or "a local Ray instance"
+        raise LaunchError(f"cannot connect to {where}: {str(err).splitlines()[0]}") from None
+
+
+def launch(recipe: Recipe, address: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Run `recipe` on Ray (a local instance sized to this machine, or the cluster at `address`);
+    returns the run's train_result.json."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = _scaling(recipe)
+    use_gpu = torch.cuda.is_available() if scaling["use_gpu"] == "auto" else bool(scaling["use_gpu"])
+    output_dir = Path(recipe.output_dir).resolve()
+    recipe = recipe.replace(output_dir=str(output_dir))
+    env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling["num_workers"]))}
+    if not use_gpu:
+        env_vars["DS_ACCELERATOR"] = "cpu"
+    if tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    num_cpus = None if address else max(os.cpu_count() or 1, scaling["num_workers"] + 1)
+    _init_ray(address, num_cpus, env_vars)
+    resources = scaling["resources_per_worker"] or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"recipe": recipe.to_dict()},
+        scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=use_gpu,
+                                     resources_per_worker=resources, placement_strategy=scaling["placement_strategy"]),
+        run_config=RunConfig(name=recipe.name, storage_path=str(output_dir),
+                             failure_config=FailureConfig(max_failures=scaling["max_failures"])),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    trainer.fit()
+    result_file = recipe.run_dir / "train_result.json"
+    if not result_file.exists():
+        raise RuntimeError(f"the run finished without writing {result_file}")
+    return json.loads(result_file.read_text())

@@ -317,6 +317,8 @@ class Trainer:
             stopping = self.step == train.stop_at
             if last or (train.eval_every and self.step % train.eval_every == 0):
                 metrics = self.evaluate()
+                if self.rank == 0:
+                    log.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
                 plugins.emit("beitdist_on_eval_end", context=self.context, step=self.step, metrics=metrics)
             if last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0):
                 checkpoint = self.save({**step_metrics, **metrics})

@@ -133,6 +133,8 @@ def test_config_errors_name_the_field():
         build_loaders({**DIGITS, "dataset": "digit"}, "classification", 32, 8)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         build_loaders(DIGITS, "classification", 30, 8)
+    with pytest.raises(ValueError, match="no rank gets a batch"):
+        build_loaders({**DIGITS, "batch_size": 100}, "classification", 32, 8, rank=1, world_size=2)
     with pytest.raises(ValueError, match="unknown head"):
         resolve_task("detection")
     cfg = DataConfig(dataset="digits", augment=AugmentConfig(rand_augment=None))
@@ -152,3 +154,14 @@ def test_tar_shards_through_the_pipeline(tmp_path):
         assert val is None
         per_rank.append(sorted(int(v) for b in batches(train) for v in b["labels"]))
     assert sorted(per_rank[0] + per_rank[1]) == sorted(i % 10 for i in range(20))
+
+
+def test_streaming_rank_without_data_fails_instead_of_spinning(tmp_path):
+    from tests.test_data_tar_shards import write_shards
+
+    write_shards(tmp_path, 1, 3)
+    cfg = {"dataset": "tar_shards", "batch_size": 2, "augment": {"mixup": 0.0, "cutmix": 0.0},
+           "options": {"num_classes": 10, "train": [str(tmp_path / "*.tar")]}}
+    train, _ = build_loaders(cfg, "classification", 16, 8, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="no batch in epoch 0"):
+        batches(train)

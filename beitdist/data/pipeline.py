@@ -184,9 +184,10 @@ class BeitLoader:
         self.collate.epoch = self.epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        batches = iter(self.dataloader)
+        batches, delivered = iter(self.dataloader), 0
         try:
             for batch in batches:
+                delivered += 1
                 skipped = batch.pop("num_skipped", None)
                 if skipped is not None:
                     self.corrupt_skipped += int(skipped.sum())
@@ -200,6 +201,9 @@ class BeitLoader:
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+        if self.train and self.sampler is None and delivered == 0:  # `while True: yield from loader` would spin
+            raise ValueError(f"the streaming train data gave this rank no batch in epoch {self.epoch}: too few shards "
+                             f"or samples for the ranks x workers x batch_size (see beitdist.data.tar_shards)")
         if self.train:
             self.set_epoch(self.epoch + 1)
 
@@ -300,6 +304,9 @@ def build_loaders(data_cfg: DataConfig | Mapping[str, Any], task: str, image_siz
     common = {"rank": rank, "world_size": world_size, "seed": seed}
     train = _loader(train_set, train_tf, Collate(_mixup(cfg, task, train_set), seed), cfg, train=True,
                     batch_size=cfg.batch_size, **common)
+    if train.sampler is not None and len(train) == 0:  # a loop over it would never take a step
+        raise ValueError(f"the train split of {cfg.dataset!r} has {len(train_set)} samples: with {world_size} ranks "
+                         f"and batch_size {cfg.batch_size} per rank (drop_last={cfg.drop_last}) no rank gets a batch")
     val = None
     if val_set is not None:
         val = _loader(val_set, val_tf, Collate(), cfg, train=False, batch_size=cfg.val_batch_size or cfg.batch_size,

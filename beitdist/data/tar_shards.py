@@ -151,6 +151,8 @@ class TarShardDataset(IterableDataset):
         return item
 
     def _samples(self, worker_id: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """Decoded items of this worker's shards; a skipped sample is counted on the next item
+        (skips after a worker's last good sample are only logged and in `self.skipped`)."""
         pending = 0
         for shard_idx, shard in self.shards_for(worker_id, num_workers):
             for k, (key, files) in enumerate(iter_tar_samples(shard)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run(recipe, dist_info, reporter=report)
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a cluster address nobody answers at (ray.init would retry for minutes)."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise LaunchError(
+            f"cannot connect to {address}: {err.strerror or err}; is a Ray head running there (`ray start --head`)?"
+        ) from None
+
+
 def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
     import ray
 
+    if address:
+        check_reachable(address)
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env_vars}

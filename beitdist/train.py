@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "beitdist_state.json"
 RESULT_FILE = "train_result.json"
+PROGRESS_FILE = "progress.json"
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
 
@@ -300,6 +301,20 @@ class Trainer:
             raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return save_checkpoint(model, self.run_dir / "final")
 
+    def _write_progress(self, step_metrics: Mapping[str, float], eval_metrics: Mapping[str, float]) -> None:
+        """Rank 0, at most once a second: what the launcher's progress bar shows."""
+        now = time.monotonic()
+        if self.rank != 0 or now - getattr(self, "_progress_at", 0.0) < 1.0 and self.step < self.recipe.train.steps:
+            return
+        if not hasattr(self, "_started"):
+            self._started, self._start_step = now, self.step - 1
+        done = max(self.step - self._start_step, 1)
+        eta = (now - self._started) / done * (self.recipe.train.steps - self.step)
+        progress = {"step": self.step, "steps": self.recipe.train.steps, "loss": step_metrics["loss"],
+                    "images_per_s": step_metrics["images_per_s"], "eta_s": eta, **eval_metrics}
+        eng._write_atomic(self.run_dir / PROGRESS_FILE, json.dumps(progress))
+        self._progress_at = now
+
     def run(self) -> TrainResult:
         self.setup()
         recipe, train = self.recipe, self.recipe.train
@@ -310,6 +325,7 @@ class Trainer:
         while self.step < train.steps:
             step_metrics = self.train_step(batches)
             plugins.emit("beitdist_on_step_end", context=self.context, step=self.step, metrics=step_metrics)
+            self._write_progress(step_metrics, metrics)
             if self.rank == 0 and train.log_every and self.step % train.log_every == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", self.step, train.steps, step_metrics["loss"],
                          step_metrics["lr"], step_metrics["images_per_s"])

@@ -76,7 +76,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from beitdist.launcher import _scaling
-    from beitdist.plan import GIB, activation_bytes, all_plans, count_parameters, smallest_fit
+    from beitdist.plan import activation_bytes, all_plans, count_parameters, smallest_fit
     from beitdist.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)

@@ -157,10 +157,29 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def plugin_class_problems(cls: Any, base: type, public_name: str, methods: tuple[str, ...]) -> list[str]:
+    """What a class registered as a plugin of kind `base` lacks (empty when it honours the
+    contract): a subclass of `base`, an identifier `name`, a dataclass `Options`, and its own
+    implementation of each of `methods`."""
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return [f"{cls!r} is not a subclass of {public_name}"]
+    problems = []
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        problems.append(f"name must be an identifier-like string, got {name!r}")
+    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        problems.append("Options must be a dataclass (the schema of its recipe options)")
+    for method in methods:
+        mine, theirs = getattr(cls, method), getattr(base, method)
+        if getattr(mine, "__func__", mine) is getattr(theirs, "__func__", theirs):
+            problems.append(f"{method}() is not implemented")
+    return problems
+
+
 def check(condition: bool, field: str, message: str) -> None:
     """For `__post_init__` range checks: raise OptionsError naming `field` unless `condition`."""
     if not condition:
         raise OptionsError(field, message)
 
 
-__all__ = ["OptionsError", "check", "parse", "to_dict"]
+__all__ = ["OptionsError", "check", "parse", "plugin_class_problems", "to_dict"]

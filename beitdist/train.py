@@ -317,7 +317,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.setup()
-        recipe, train = self.recipe, self.recipe.train
+        train = self.recipe.train
         plugins.emit("beitdist_on_train_start", context=self.context)
         batches = self._batches()
         metrics: dict[str, float] = {}

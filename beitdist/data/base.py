@@ -31,7 +31,6 @@ The details the pipeline (`beitdist.data.pipeline`) relies on:
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
@@ -42,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from beitdist.schema import plugin_class_problems
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +63,8 @@ class DatasetPlugin:
 
 
 def contract_problems(cls: Any) -> list[str]:
-    if not (isinstance(cls, type) and issubclass(cls, DatasetPlugin)):
-        return [f"{cls!r} is not a subclass of beitdist.data.DatasetPlugin"]
-    problems = []
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        problems.append(f"name must be an identifier-like string, got {name!r}")
-    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        problems.append("Options must be a dataclass")
-    if cls.build.__func__ is DatasetPlugin.build.__func__:
-        problems.append("build() is not implemented")
-    return problems
+    """What a class registered as a dataset lacks; empty when it honours the contract."""
+    return plugin_class_problems(cls, DatasetPlugin, "beitdist.data.DatasetPlugin", ("build",))
 
 
 # ------------------------------------------------------------------ helpers for dataset authors

@@ -22,7 +22,6 @@ and these methods:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
-from beitdist.schema import parse, to_dict
+from beitdist.schema import parse, plugin_class_problems, to_dict
 
 if TYPE_CHECKING:
     from beitdist.model import ModelOutput
@@ -89,22 +88,11 @@ class Head(nn.Module):
         return {}
 
 
-CONTRACT_ATTRIBUTES = ("name", "Options", "needs")
-
-
 def contract_problems(cls: Any) -> list[str]:
     """What a class registered as a head lacks; empty when it honours the contract."""
-    if not (isinstance(cls, type) and issubclass(cls, Head)):
-        return [f"{cls!r} is not a subclass of beitdist.heads.Head"]
-    problems = []
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        problems.append(f"name must be an identifier-like string, got {name!r}")
-    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        problems.append("Options must be a dataclass (the schema of the head's recipe options)")
+    problems = plugin_class_problems(cls, Head, "beitdist.heads.Head", ("forward", "loss"))
+    if problems and "is not a subclass" in problems[0]:
+        return problems
     if getattr(cls, "needs", None) not in NEEDS:
-        problems.append(f"needs must be one of {', '.join(NEEDS)}, got {getattr(cls, 'needs', None)!r}")
-    for method in ("forward", "loss"):
-        if getattr(cls, method) is getattr(Head, method):
-            problems.append(f"{method}() is not implemented")
+        problems.insert(0, f"needs must be one of {', '.join(NEEDS)}, got {getattr(cls, 'needs', None)!r}")
     return problems

@@ -10,13 +10,12 @@ target of backbone patch i. It never trains: `encode` runs under `torch.no_grad(
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from beitdist.schema import parse, to_dict
+from beitdist.schema import parse, plugin_class_problems, to_dict
 
 
 class Tokenizer(nn.Module):
@@ -38,14 +37,4 @@ class Tokenizer(nn.Module):
 
 def contract_problems(cls: Any) -> list[str]:
     """What a class registered as a tokenizer lacks; empty when it honours the contract."""
-    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
-        return [f"{cls!r} is not a subclass of beitdist.tokenizers.Tokenizer"]
-    problems = []
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        problems.append(f"name must be an identifier-like string, got {name!r}")
-    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        problems.append("Options must be a dataclass")
-    if cls.encode is Tokenizer.encode:
-        problems.append("encode() is not implemented")
-    return problems
+    return plugin_class_problems(cls, Tokenizer, "beitdist.tokenizers.Tokenizer", ("encode",))

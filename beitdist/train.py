@@ -312,6 +312,7 @@ class Trainer:
         eta = (now - self._started) / done * (self.recipe.train.steps - self.step)
         progress = {"step": self.step, "steps": self.recipe.train.steps, "loss": step_metrics["loss"],
                     "images_per_s": step_metrics["images_per_s"], "eta_s": eta, **eval_metrics}
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint it may not exist yet
         eng._write_atomic(self.run_dir / PROGRESS_FILE, json.dumps(progress))
         self._progress_at = now
 

@@ -142,13 +142,19 @@ def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
             return None
         ckpt_dir, tag = ckpt_dir, tags[0]
     from beitdist.engine import consolidated_state_dict
-    from beitdist.recipe import parse_recipe
+    from beitdist.recipe import HeadSection, ModelSection
+    from beitdist.schema import OptionsError, parse
 
     state_file = ckpt_dir / tag / TRAIN_STATE
-    recipe = parse_recipe(json.loads(state_file.read_text())["recipe"], str(state_file))
+    saved = json.loads(state_file.read_text())["recipe"]
+    try:  # only the model and head sections matter here (datasets and tokenizers need not be installed)
+        model_section = parse(ModelSection, saved.get("model", {}), "model")
+        head_section = parse(HeadSection, saved.get("head", {}), "head")
+    except OptionsError as err:
+        raise CheckpointError(f"{state_file}: the saved recipe does not describe a model ({err})") from None
     log.info("consolidating the ZeRO shards of %s", ckpt_dir / tag)
     state = consolidated_state_dict(ckpt_dir, tag)
-    model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
+    model = build_model(model_section.backbone_config(), head_section.name, head_section.options)
     return LoadedCheckpoint(state, model.config, model.head_name, model.head.options() if model.head else {},
                             str(ckpt_dir / tag), "deepspeed")
 

@@ -196,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem", help="device memory per GPU, e.g. 80GB: report the smallest setting that fits")
     plan.set_defaults(run=_cmd_plan)
 
+    from beitdist.recipe_cli import add_validate_cli
     from beitdist.tokenizers.fit import add_tokenizer_cli
 
+    add_validate_cli(commands)
     add_tokenizer_cli(commands)
 
     plugins = commands.add_parser(

@@ -1,28 +1,54 @@
 """The recipe: one YAML document describing a whole run, parsed into typed, validated sections.
 
 Errors name the file, the field path, the bad value and what is allowed (with a did-you-mean for
-misspelt keys). Only a plain dict crosses process boundaries (Ray); every worker re-parses it.
+misspelt keys); when the bad value came from an inherited file or a `--set`, they say so. Only a
+plain dict crosses process boundaries (Ray); every worker re-parses it.
+
+Loading a file (`load_recipe`) goes: read YAML -> resolve `inherit:` (a base recipe, path relative
+to the file; chains allowed, cycles refused) by deep merge (child wins, lists replaced; a section
+that names a different head / tokenizer / dataset drops the base's `options`) -> `--set`
+overrides -> `parse_recipe` (schema, plugin names, the plugins' own option schemas, consistency
+between engine, data and scaling).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from beitdist.backbone.config import VARIANTS, BackboneConfig, ConfigError, variant
+from beitdist.backbone.config import VARIANTS, BackboneConfig, variant
 from beitdist.data.pipeline import DataConfig
 from beitdist.engine import EngineConfig
 from beitdist.optim import OptimConfig
 from beitdist.schema import OptionsError, check, parse, to_dict
 
+INHERIT_KEY = "inherit"
+PLUGIN_SECTIONS: dict[str, str] = {"head": "name", "tokenizer": "name", "data": "dataset"}
+"""Sections whose `options` belong to the plugin named by the given key: a child recipe that names
+another plugin starts from empty options instead of merging the base's."""
+
+Origins = dict[tuple[str, ...], str]
+"""Where each value of a merged recipe document came from: key path -> file (or `--set K=V`)."""
+
+
+_LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode() for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
 
 class RecipeError(ValueError):
-    """A recipe that cannot run; the message starts with the file and field path."""
+    """A recipe that cannot run; the message starts with the file and field path, on ONE line
+    (line breaks inside keys or values are shown escaped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).translate(_LINE_BREAKS))
 
 
 @dataclass(frozen=True)
@@ -38,12 +64,23 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         check(self.variant in VARIANTS, "variant", f"got {self.variant!r}; allowed: {', '.join(VARIANTS)}")
+        check(self.init is None or bool(self.init.strip()), "init", "expected a checkpoint path or null")
 
     def backbone_config(self) -> BackboneConfig:
+        allowed = [f.name for f in dataclasses.fields(BackboneConfig)]
+        for key in self.backbone:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise OptionsError(f"backbone.{key}", f"unknown option{suggestion}; allowed: {', '.join(allowed)}")
         try:
             return variant(self.variant, **self.backbone)
-        except (ConfigError, TypeError) as err:
-            raise OptionsError("backbone", str(err)) from None
+        except (ValueError, TypeError) as err:  # ConfigError is a ValueError
+            message = str(err).removeprefix("backbone.").removeprefix("backbone: ")
+            field_name, sep, rest = message.partition(": ")
+            if sep and re.fullmatch(r"[a-z_]+", field_name):
+                raise OptionsError(f"backbone.{field_name}", rest) from None
+            raise OptionsError("backbone", message) from None
 
 
 @dataclass(frozen=True)
@@ -87,6 +124,57 @@ class TrainSection:
         check(0 <= self.stop_at <= self.steps, "stop_at", f"expected 0 <= stop_at <= steps, got {self.stop_at}")
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    """How many workers Ray Train starts and where (Ray's ScalingConfig and FailureConfig)."""
+
+    num_workers: int = 1
+    """Ranks (one process each; one GPU each when use_gpu). The global batch is
+    data.batch_size x engine.grad_accum x num_workers."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """"auto": GPUs when the driver sees CUDA."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Ray resources per worker, e.g. {CPU: 8, GPU: 1}; empty: 1 CPU (+ 1 GPU when use_gpu)."""
+    placement_strategy: PlacementStrategy = "PACK"
+    max_failures: int = 0
+    """Worker-group restarts Ray Train attempts (each resumes from the newest checkpoint); -1: unlimited."""
+    gpu_memory_gb: float | None = None
+    """Device memory per GPU, for planning (`beitdist plan`, `launch --dry-run`); None: not checked."""
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "num_workers", f"expected >= 1, got {self.num_workers}")
+        check(self.max_failures >= -1, "max_failures", f"expected >= 0 (or -1: unlimited), got {self.max_failures}")
+        for name, amount in self.resources_per_worker.items():
+            check(bool(name), "resources_per_worker", "resource names must not be empty")
+            check(math.isfinite(amount) and amount >= 0, f"resources_per_worker.{name}",
+                  f"expected a finite amount >= 0, got {amount}")
+        if self.use_gpu is False:
+            check(self.resources_per_worker.get("GPU", 0) == 0, "resources_per_worker.GPU",
+                  "asks for GPUs, but use_gpu is false")
+        check(self.gpu_memory_gb is None or (math.isfinite(self.gpu_memory_gb) and self.gpu_memory_gb > 0),
+              "gpu_memory_gb", f"expected a size in GB > 0 or null, got {self.gpu_memory_gb}")
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """MLflow: what rank 0 logs, and where."""
+
+    enabled: bool = True
+    uri: str | None = None
+    """Tracking URI (file path, sqlite:///..., http://server:5000). None: MLFLOW_TRACKING_URI when
+    set (read by the CLI / launcher entry point, never here), else a sqlite file in the run dir."""
+    experiment: str = "beitdist"
+    log_images: bool = True
+    """Log a few input images (and segmentation predictions) as artifacts."""
+
+    def __post_init__(self) -> None:
+        check(self.uri is None or bool(self.uri.strip()), "uri", "expected a tracking URI or null")
+        check(bool(self.experiment.strip()), "experiment", "expected a non-empty experiment name")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "run"
@@ -100,19 +188,66 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainSection = field(default_factory=TrainSection)
-    scaling: dict[str, Any] = field(default_factory=dict)
-    tracking: dict[str, Any] = field(default_factory=dict)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def __post_init__(self) -> None:
-        self.model.backbone_config()  # surfaces backbone errors at load time
+        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+              f"expected a run name without '/', got {self.name!r}")
+        try:
+            self.model.backbone_config()  # surfaces backbone errors at load time
+        except OptionsError as err:
+            raise OptionsError(f"model.{err.path}", str(err).removeprefix(f"{err.path}: ")) from None
+        head = _plugin("head", self.head.name, "head.name")
         self.head_options()
-        if self.head.name == "mim":
-            check(self.tokenizer.name is not None, "tokenizer.name", "the mim head needs a tokenizer (dalle, codebook, ...)")
+        if getattr(head, "uses_mask", False):
+            check(self.tokenizer.name is not None, "tokenizer.name",
+                  f"the {self.head.name} head needs a tokenizer for its targets (dalle, codebook, ...)")
+        if self.tokenizer.name is not None:
+            _plugin("tokenizer", self.tokenizer.name, "tokenizer.name")
+            self.tokenizer_options()
+        else:
+            check(not self.tokenizer.options, "tokenizer.options", "given, but tokenizer.name is not set")
+        _plugin("dataset", self.data.dataset, "data.dataset")
+        self.dataset_options()
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        """Engine, data and scaling settings that are each valid but cannot run together."""
+        scaling, engine = self.scaling, self.engine
+        if scaling.use_gpu is False:
+            check(engine.precision != "fp16", "engine.precision",
+                  "fp16 needs GPUs (loss scaling on CUDA), but scaling.use_gpu is false; use bf16 or fp32")
+        global_batch = self.data.batch_size * engine.grad_accum * scaling.num_workers
+        implied = {
+            "train_batch_size": (global_batch, "data.batch_size x engine.grad_accum x scaling.num_workers"),
+            "train_micro_batch_size_per_gpu": (self.data.batch_size, "data.batch_size"),
+            "gradient_accumulation_steps": (engine.grad_accum, "engine.grad_accum"),
+        }
+        for key, (value, source) in implied.items():
+            if key in engine.raw:
+                check(engine.raw[key] == value, f"engine.raw.{key}",
+                      f"is {engine.raw[key]!r}, but the recipe implies {value} ({source}); "
+                      f"remove it from engine.raw and set {source.split(' x ')[0]} instead")
 
     def head_options(self) -> Any:
-        from beitdist.plugins import head_class
+        return _plugin("head", self.head.name, "head.name").parse_options(self.head.options, "head.options")
 
-        return head_class(self.head.name).parse_options(self.head.options, "head.options")
+    def tokenizer_options(self) -> Any:
+        """The tokenizer's parsed Options (None without a tokenizer)."""
+        if self.tokenizer.name is None:
+            return None
+        cls = _plugin("tokenizer", self.tokenizer.name, "tokenizer.name")
+        return parse(cls.Options, self.tokenizer.options, "tokenizer.options")
+
+    def dataset_options(self) -> Any:
+        cls = _plugin("dataset", self.data.dataset, "data.dataset")
+        return parse(cls.Options, self.data.options, "data.options")
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: data.batch_size x engine.grad_accum x scaling.num_workers."""
+        return self.data.batch_size * self.engine.grad_accum * self.scaling.num_workers
 
     @property
     def run_dir(self) -> Path:
@@ -125,22 +260,169 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-def parse_recipe(data: Mapping[str, Any], where: str = "recipe") -> Recipe:
-    """A plain mapping (YAML document, or the dict sent to Ray workers) -> Recipe."""
-    from beitdist.plugins import UnknownPluginError
+def _plugin(kind: str, name: str, path: str) -> Any:
+    """The registered plugin class, or an OptionsError at `path` listing the available names."""
+    from beitdist import plugins
 
+    lookup = {"head": plugins.head_class, "tokenizer": plugins.tokenizer_class, "dataset": plugins.dataset_class}
+    try:
+        return lookup[kind](name)
+    except plugins.UnknownPluginError as err:
+        raise OptionsError(path, str(err)) from None
+
+
+# ------------------------------------------------------------------------------- parsing
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _key_path(path: str) -> tuple[str, ...]:
+    return tuple(m.group(1) for m in _PATH_PART.finditer(path) if m.group(1) is not None)
+
+
+def _origin(origins: Origins | None, path: str) -> str | None:
+    """The file (or --set) the value at `path` came from: its longest recorded prefix."""
+    if not origins:
+        return None
+    keys = _key_path(path)
+    for n in range(len(keys), 0, -1):
+        if keys[:n] in origins:
+            return origins[keys[:n]]
+    return None
+
+
+def _oversized_number(data: Any, path: str = "") -> str | None:
+    """Path of the first integer no float can hold (the schema converts numbers with float())."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            found = _oversized_number(value, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            found = _oversized_number(value, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(data, int) and not isinstance(data, bool) and abs(data) > 2**1000:
+        return path or "<document>"
+    return None
+
+
+def parse_recipe(data: Mapping[str, Any], where: str = "recipe", origins: Origins | None = None) -> Recipe:
+    """A plain mapping (YAML document, or the dict sent to Ray workers) -> Recipe.
+
+    Raises RecipeError "<where>: <field path>: <problem>", plus "(set in <file>)" when `origins`
+    says the value came from another file or a --set override."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
+    if INHERIT_KEY in data:
+        raise RecipeError(f"{where}: {INHERIT_KEY}: only recipe files can inherit (load_recipe resolves it)")
+    oversized = _oversized_number(data)
+    if oversized is not None:
+        raise RecipeError(f"{where}: {oversized}: number out of range")
     try:
         return parse(Recipe, data)
     except OptionsError as err:
-        raise RecipeError(f"{where}: {err}") from None
-    except UnknownPluginError as err:
-        raise RecipeError(f"{where}: head.name: {err}") from None
+        origin = _origin(origins, err.path) if err.path else None
+        note = f" (set in {origin})" if origin is not None and origin != where else ""
+        raise RecipeError(f"{where}: {err}{note}") from None
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: list[str], where: str = "--set") -> dict[str, Any]:
-    """`a.b=c` strings (c read as YAML: numbers, booleans, lists) applied to a recipe mapping."""
-    import copy
+# ------------------------------------------------------------------------- files and merging
+def _record(origins: Origins, value: Any, path: tuple[str, ...], source: str) -> None:
+    origins[path] = source
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            _record(origins, child, path + (str(key),), source)
 
+
+def _forget(origins: Origins, path: tuple[str, ...]) -> None:
+    for key in [k for k in origins if k[: len(path)] == path]:
+        del origins[key]
+
+
+def merge_recipes(base: Mapping[str, Any], child: Mapping[str, Any], origins: Origins | None = None,
+                  source: str = "<child>", _path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Deep merge: the child wins; mappings merge key by key; lists and scalars are replaced whole.
+    In head / tokenizer / data, a child naming a different plugin drops the base's `options`.
+    `origins` (updated in place) records which source each value came from."""
+    origins = {} if origins is None else origins
+    out = copy.deepcopy(dict(base))
+    for key, value in child.items():
+        path = _path + (str(key),)
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            current = dict(current)
+            name_key = PLUGIN_SECTIONS.get(str(key)) if not _path else None
+            if name_key is not None and name_key in value and value[name_key] != current.get(name_key):
+                current.pop("options", None)
+                _forget(origins, path + ("options",))
+            out[key] = merge_recipes(current, value, origins, source, path)
+        else:
+            _forget(origins, path)
+            out[key] = copy.deepcopy(value)
+            _record(origins, value, path, source)
+    return out
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    context = getattr(err, "context", None)
+    return " ".join(f"{where}: not valid YAML: {problem}{f' ({context})' if context else ''}".split())
+
+
+def read_recipe_data(path: str | Path) -> dict[str, Any]:
+    """One YAML file as a mapping (no inheritance resolved)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(_yaml_error(path, err)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read the recipe: {err}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe file is empty")
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+def resolve_recipe_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
+    """Read a recipe file and everything it inherits: (merged document, origins)."""
+    path = Path(path)
+    data = read_recipe_data(path)
+    parent = data.pop(INHERIT_KEY, None)
+    origins: Origins = {}
+    if parent is None:
+        _record(origins, data, (), str(path))
+        del origins[()]
+        return data, origins
+    if not isinstance(parent, str) or not parent.strip():
+        raise RecipeError(f"{path}: {INHERIT_KEY}: expected the path of a base recipe (relative to this file), "
+                          f"got {parent!r}")
+    base_path = path.parent / parent
+    chain = _chain + (path.resolve(),)
+    if base_path.resolve() in chain:
+        names = [str(p) for p in _chain] + [str(path), str(base_path)]
+        raise RecipeError(f"{path}: {INHERIT_KEY}: cycle {' -> '.join(names)}")
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: {INHERIT_KEY}: base recipe {parent!r} not found (looked for {base_path})")
+    try:
+        base, origins = resolve_recipe_file(base_path, chain)
+    except RecipeError as err:
+        if str(err).startswith(f"{path}: {INHERIT_KEY}: cycle"):
+            raise
+        raise RecipeError(f"{path}: {INHERIT_KEY} {parent!r}: {err}") from None
+    return merge_recipes(base, data, origins, str(path)), origins
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str], where: str = "--set",
+                    origins: Origins | None = None) -> dict[str, Any]:
+    """`a.b=c` strings (c read as YAML: numbers, booleans, lists) applied to a recipe mapping.
+    `origins`, when given, records each overridden path as coming from `--set a.b=c`."""
     out = copy.deepcopy(dict(data))
     for item in overrides:
         if "=" not in item:
@@ -149,36 +431,40 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str], where: str = 
         keys = path.strip().split(".")
         if not all(keys):
             raise RecipeError(f"{where} {item!r}: empty key in {path!r}")
+        if keys[0] == INHERIT_KEY:
+            raise RecipeError(f"{where} {item!r}: {INHERIT_KEY} cannot be overridden (it is resolved first)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise RecipeError(f"{where} {item!r}: the value is not valid YAML ({err})") from None
+            raise RecipeError(f"{where} {item!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
         node = out
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"{where} {item!r}: {key!r} is not a section")
+                raise RecipeError(f"{where} {item!r}: {'.'.join(keys[: depth + 1])} is not a section "
+                                  f"(it holds {child!r})")
             node = child
         node[keys[-1]] = value
+        if origins is not None:
+            _forget(origins, tuple(keys))
+            _record(origins, value, tuple(keys), f"{where} {item}")
     return out
 
 
-def read_recipe_data(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return dict(data)
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, apply `--set` overrides, validate."""
-    data = apply_overrides(read_recipe_data(path), overrides or [])
-    return parse_recipe(data, str(path))
+    """Read, resolve `inherit:`, apply `--set` overrides, validate."""
+    data, origins = resolve_recipe_file(path)
+    try:
+        data = apply_overrides(data, overrides or [], origins=origins)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    return parse_recipe(data, str(path), origins)
+
+
+__all__ = [
+    "HeadSection", "ModelSection", "Recipe", "RecipeError", "ScalingSection", "TokenizerSection", "TrackingSection",
+    "TrainSection", "apply_overrides", "load_recipe", "merge_recipes", "parse_recipe", "read_recipe_data",
+    "resolve_recipe_file",
+]

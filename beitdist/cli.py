@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from beitdist.backbone.config import ConfigError
 from beitdist.backbone.convert import CheckpointError
+from beitdist.errors import RunFailedError
 from beitdist.plugins import PluginError, UnknownPluginError
 
 log = logging.getLogger("beitdist")
@@ -39,10 +40,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from beitdist.engine import DistInfo
-    from beitdist.recipe import load_recipe
+    from beitdist.recipe import with_environment
+    from beitdist.recipe_cli import validate_file
     from beitdist.train import run
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = with_environment(validate_file(args.recipe, args.set, check_paths=not args.skip_paths))
     result = run(recipe, DistInfo.from_env())
     if result.final_dir is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
@@ -55,9 +57,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     import torch
 
     from beitdist.launcher import launch, make_plan
-    from beitdist.recipe import load_recipe
+    from beitdist.recipe import with_environment
+    from beitdist.recipe_cli import validate_file
 
-    recipe = load_recipe(args.recipe, args.set)
+    # a dry run plans a recipe that may be meant for another machine: its data need not be here
+    check_paths = not (args.skip_paths or args.dry_run)
+    recipe = with_environment(validate_file(args.recipe, args.set, check_paths=check_paths))
     scaling = recipe.scaling
     use_gpu = getattr(scaling, "use_gpu", None) if not isinstance(scaling, dict) else scaling.get("use_gpu")
     use_gpu = torch.cuda.is_available() if use_gpu in (None, "auto") else bool(use_gpu)
@@ -66,8 +71,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return EXIT_OK
     address = args.address or os.environ.get("RAY_ADDRESS")
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    result = launch(recipe, address=address, tracking_uri=tracking_uri)
+    result = launch(recipe, address=address)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
     print(f"finished {recipe.name} at step {result['step']}: {metrics}")
     print(f"final weights: {result['final_dir']}")
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    train.add_argument("--skip-paths", action="store_true",
+                       help="do not check on this machine that the dataset files exist (a cluster's workers see other disks)")
     train.set_defaults(run=_cmd_train)
 
     launch = commands.add_parser(
@@ -187,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     launch.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     launch.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    launch.add_argument("--skip-paths", action="store_true",
+                       help="do not check on this machine that the dataset files exist (a cluster's workers see other disks)")
     launch.set_defaults(run=_cmd_launch)
 
     plan = commands.add_parser("plan", help="per-rank memory under each ZeRO stage / offload for a recipe")
@@ -224,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailedError as err:
+        print(f"beitdist {args.command}: run failed: {err}", file=sys.stderr)
+        return err.exit_code
     except RuntimeError as err:
         if type(err).__name__ != "NonFiniteLossError":
             raise

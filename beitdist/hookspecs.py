@@ -74,5 +74,13 @@ def beitdist_on_checkpoint_saved(context: TrainContext, step: int, path: str) ->
     """Called on every rank after a checkpoint is completely written (every rank's shard) at `path`."""
 
 
+@hookspec
+def beitdist_on_train_end(context: TrainContext, step: int, metrics: dict[str, float], final_dir: str | None) -> None:
+    """Called on every rank once the last step is done and checkpointed, with the last evaluation's
+    metrics; `final_dir` (rank 0 only, else None) holds the consolidated fp32 weights, loadable
+    with `beitdist.load_model`. Not called when a run stops early (`train.stop_at`) or fails."""
+
+
 REGISTRATION_HOOKS = ("beitdist_register_heads", "beitdist_register_tokenizers", "beitdist_register_datasets")
-EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_saved")
+EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_saved",
+               "beitdist_on_train_end")

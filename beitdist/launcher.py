@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from beitdist.errors import RunFailedError
 from beitdist.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run(recipe, dist_info, reporter=report)
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's wrappers (WorkerGroupError -> RayTaskError ->
+    the user's exception); the error itself when nothing is wrapped."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause: BaseException = failures[min(failures)] if failures else error
+    seen = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    return cause
+
+
+def _run_failed(recipe: Recipe, error: BaseException, max_failures: int) -> RunFailedError:
+    cause = root_cause(error)
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    what = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
+    restarts = "no restarts allowed" if max_failures == 0 else f"after {max_failures} restarts" if max_failures > 0 \
+        else "restarts unlimited"
+    from beitdist.engine import complete_tags
+
+    checkpoints = recipe.run_dir / "checkpoints"
+    tags = complete_tags(checkpoints)
+    kept = (f"the last complete checkpoint, {checkpoints / tags[0]}, is kept and launching the recipe again resumes "
+            "from it") if tags else "no checkpoint was written"
+    message = f"run {recipe.name!r} failed on its workers ({restarts}): {what}; {kept}"
+    return RunFailedError(message, exit_code=2 if isinstance(cause, ValueError) else 1)
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a cluster address nobody answers at (ray.init would retry for minutes)."""
     if address == "auto":
@@ -192,7 +224,7 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
         raise LaunchError(f"cannot connect to {where}: {str(err).splitlines()[0]}") from None
 
 
-def launch(recipe: Recipe, address: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
     """Run `recipe` on Ray (a local instance sized to this machine, or the cluster at `address`);
     returns the run's train_result.json."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -205,8 +237,6 @@ def launch(recipe: Recipe, address: str | None = None, tracking_uri: str | None 
     env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling["num_workers"]))}
     if not use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"
-    if tracking_uri:
-        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     num_cpus = None if address else max(os.cpu_count() or 1, scaling["num_workers"] + 1)
     _init_ray(address, num_cpus, env_vars)
     resources = scaling["resources_per_worker"] or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
@@ -219,8 +249,13 @@ def launch(recipe: Recipe, address: str | None = None, tracking_uri: str | None 
                              failure_config=FailureConfig(max_failures=scaling["max_failures"])),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    with ProgressBar(recipe.run_dir / "progress.json"):
-        trainer.fit()
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    try:
+        with ProgressBar(recipe.run_dir / "progress.json"):
+            trainer.fit()
+    except TrainingFailedError as err:
+        raise _run_failed(recipe, err, scaling["max_failures"]) from None
     result_file = recipe.run_dir / "train_result.json"
     if not result_file.exists():
         raise RuntimeError(f"the run finished without writing {result_file}")

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "beitdist.tokenizers.codebook",
     "beitdist.data.datasets",
     "beitdist.data.tar_shards",
+    "beitdist.tracking",
 )
 
 

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -258,6 +259,17 @@ class Recipe:
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+
+def with_environment(recipe: Recipe, environ: Mapping[str, str] | None = None) -> Recipe:
+    """The recipe with what the environment says where the recipe is silent: MLFLOW_TRACKING_URI
+    becomes `tracking.uri`. Resolved once, where the command starts, so every worker (a Ray
+    worker does not inherit the driver's environment) logs to the same place."""
+    environ = os.environ if environ is None else environ
+    uri = environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.strip() and recipe.tracking.uri is None:
+        return recipe.replace(tracking=dataclasses.replace(recipe.tracking, uri=uri.strip()))
+    return recipe
 
 
 def _plugin(kind: str, name: str, path: str) -> Any:

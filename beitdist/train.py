@@ -189,6 +189,8 @@ class Trainer:
         done, bad, losses, images, start = 0, 0, [], 0, time.perf_counter()
         while done < accum:
             batch = self._prepare(next(batches))
+            if self.rank == 0 and "sample_batch" not in self.context.extras:
+                self.context.extras["sample_batch"] = _sample(batch)
             out = self._forward(batch)
             loss = self.module.loss(out, batch)
             if not self._all_finite(loss):
@@ -355,8 +357,17 @@ class Trainer:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
                        "final_dir": str(final_dir) if final_dir else None, "world_size": self.world}
             eng._write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
+        plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
+                     final_dir=str(final_dir) if final_dir else None)
         dist.barrier()
         return result
+
+
+def _sample(batch: Mapping[str, Any], count: int = 4) -> dict[str, torch.Tensor]:
+    """A few examples of a batch, on the CPU, for callbacks that draw pictures (MLflow)."""
+    size = batch["pixel_values"].shape[0]
+    return {k: v[:count].detach().cpu() for k, v in batch.items()
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size}
 
 
 def run(recipe: Recipe, dist_info: eng.DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:

@@ -25,6 +25,9 @@ TINY_RECIPE: dict[str, Any] = {
     "optim": {"lr": 3e-3, "warmup_steps": 2, "clip_grad": 1.0},
     "engine": {"zero_stage": 0},
     "train": {"steps": 6, "log_every": 1},
+    # MLflow costs seconds per run (import, sqlite migration); tests/test_tracking.py and the
+    # launch end-to-end test cover it
+    "tracking": {"enabled": False},
 }
 
 

@@ -23,10 +23,11 @@ def _launch(args, cwd, timeout=600):
 def test_launch_two_ray_workers_end_to_end(tmp_path):
     recipe = merge(TINY_RECIPE, {"name": "launched", "output_dir": str(tmp_path / "runs"),
                                  "engine": {"preset": "zero2"}, "scaling": {"num_workers": 2},
-                                 "train": {"steps": 6, "checkpoint_every": 3, "eval_every": 3}})
+                                 "train": {"steps": 6, "checkpoint_every": 3, "eval_every": 3},
+                                 "tracking": {"enabled": True}})
     path = tmp_path / "launched.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    out = _launch([str(path)][:0] + ["launch", str(path)], tmp_path)
+    out = _launch(["launch", str(path)], tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "workers        2 x CPU" in out.stdout and "finished launched at step 6" in out.stdout
     result = json.loads((tmp_path / "runs/launched/train_result.json").read_text())
@@ -36,6 +37,24 @@ def test_launch_two_ray_workers_end_to_end(tmp_path):
     again = _launch(["launch", str(path)], tmp_path)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from step_6" in again.stdout + again.stderr
+    _check_mlflow_store(tmp_path / "runs/launched")
+
+
+def _check_mlflow_store(run_dir):
+    """The embedded store in the run dir holds one run (the relaunch continued it) with the
+    recipe as params, every step's metrics, the evaluations and the artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("beitdist").experiment_id])
+    assert run.info.run_id == (run_dir / "mlflow_run_id").read_text() and run.info.status == "FINISHED"
+    assert run.data.params["engine.preset"] == "zero2" and run.data.params["train.steps"] == "6"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1")) == [3, 6]
+    assert {"recipe.yaml", "final", "pictures"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    final = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
+    assert "final/model.safetensors" in final
 
 
 def test_dry_run_prints_the_plan_without_starting_anything(tmp_path):
@@ -58,3 +77,47 @@ def test_unreachable_address_exits_2_quickly(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert "cannot connect to 127.0.0.1" in out.stderr and "Traceback" not in out.stderr
     assert time.time() - start < 240
+
+
+BAD_LAUNCHES = {
+    "malformed_yaml": ("name: [unclosed\n", "not valid YAML"),
+    "unknown_key": ("optim: {lrr: 0.1}\n", "optim.lrr: unknown option (did you mean 'lr'?)"),
+    "unknown_head": ("head: {name: clasification}\n", "unknown head 'clasification' (did you mean 'classification'?)"),
+    "unknown_dataset": ("data: {dataset: imagefolder}\n", "unknown dataset 'imagefolder'"),
+    "missing_data": ("data: {dataset: image_folder, options: {root: /nonexistent/imgs}}\n",
+                     "data.options.root: '/nonexistent/imgs' does not exist on this machine"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LAUNCHES))
+def test_bad_input_exits_2_with_one_line_before_anything_starts(tmp_path, case):
+    text, expected = BAD_LAUNCHES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'runs'}\n" + text)
+    out = _launch(["launch", str(path)], tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0], out.stderr
+    assert not (tmp_path / "runs").exists() and out.stdout == ""
+
+
+def test_worker_failures_are_unwrapped_into_one_line_with_the_right_exit_code(tmp_path):
+    """Ray wraps a worker's exception (WorkerGroupError -> RayTaskError(cause=...)); the CLI shows
+    the worker's own error, exit 2 for bad input found by the workers, 1 for anything else."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from beitdist.launcher import _run_failed, root_cause
+    from beitdist.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": "r", "output_dir": str(tmp_path)})
+    bad_image = ValueError("corrupt image /data/x.jpg: truncated")
+    wrapped = RayTaskError("train_fn", "Traceback ...", bad_image)
+    error = WorkerGroupError("snippet", {1: RuntimeError("rank 1 lost its peer"), 0: wrapped})
+    assert root_cause(error) is bad_image
+    failed = _run_failed(recipe, error, max_failures=3)
+    assert failed.exit_code == 2 and "\n" not in str(failed)
+    assert "ValueError: corrupt image /data/x.jpg: truncated" in str(failed) and "after 3 restarts" in str(failed)
+    assert "no checkpoint was written" in str(failed)
+    crash = _run_failed(recipe, WorkerGroupError("snippet", {0: MemoryError("out of memory")}), max_failures=0)
+    assert crash.exit_code == 1 and "MemoryError: out of memory" in str(crash)

@@ -128,6 +128,10 @@ class Recorder:
         self.calls.append(("train_start", context.run_name))
 
     @beitdist.hookimpl
+    def beitdist_on_train_end(self, context, step, metrics, final_dir):
+        self.calls.append(("train_end", step, metrics["top1"], final_dir))
+
+    @beitdist.hookimpl
     def beitdist_on_step_end(self, context, step, metrics):
         self.calls.append(("step_end", step, metrics["loss"]))
 
@@ -169,6 +173,12 @@ def test_beitdist_on_checkpoint_saved(recorder):
     rec, context = recorder
     plugins.emit("beitdist_on_checkpoint_saved", context=context, step=10, path="/ckpt/10")
     assert rec.calls == [("checkpoint_saved", 10, "/ckpt/10")]
+
+
+def test_beitdist_on_train_end(recorder):
+    rec, context = recorder
+    plugins.emit("beitdist_on_train_end", context=context, step=20, metrics={"top1": 0.9}, final_dir="/run/final")
+    assert rec.calls == [("train_end", 20, 0.9, "/run/final")]
 
 
 # ------------------------------------------------------------------ contract

@@ -440,3 +440,13 @@ def test_mutated_recipes_only_raise_recipe_error(doc):
 def test_yaml_documents_round_trip_through_the_file_loader(tmp_path):
     path = write(tmp_path / "r.yaml", yaml.safe_dump(QUICKSTART))
     assert load_recipe(path) == parse_recipe(QUICKSTART)
+
+
+def test_mlflow_tracking_uri_from_the_environment_fills_an_unset_uri():
+    from beitdist.recipe import parse_recipe, with_environment
+
+    recipe = parse_recipe({"name": "r"})
+    assert with_environment(recipe, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}).tracking.uri == "http://mlflow:5000"
+    assert with_environment(recipe, {}).tracking.uri is None
+    pinned = parse_recipe({"name": "r", "tracking": {"uri": "sqlite:///x.db"}})
+    assert with_environment(pinned, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}).tracking.uri == "sqlite:///x.db"

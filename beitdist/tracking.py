@@ -1,0 +1,371 @@
+"""MLflow tracking, a built-in callback plugin: rank 0 logs one MLflow run per beitdist run.
+
+Why it looks the way it does:
+- Only rank 0 talks to MLflow (one writer, no duplicate metrics); other ranks return at once and
+  never import mlflow (it takes seconds to import).
+- One MLflow run per run directory, across restarts: its id is kept in `<run_dir>/mlflow_run_id`
+  and a restarted run continues it. A resumed run replays the steps between its checkpoint and
+  the crash; the last step logged per kind of event is kept as a run tag (sent in the same
+  `log_batch` call, so it costs nothing) and replayed steps are not logged again.
+- Tracking must never stop training: the first failing MLflow call is reported once (a warning
+  naming the URI) and tracking is off for the rest of the run. HTTP timeouts are short.
+- Where: `recipe.tracking.uri`, else `sqlite:///<run_dir>/mlflow.db` with artifacts in
+  `<run_dir>/mlartifacts` (never ./mlruns of the working directory). MLFLOW_TRACKING_URI is
+  turned into `tracking.uri` by the launcher, not read here.
+- Only `MlflowClient` is used, never the fluent `mlflow.start_run`: no process-global active run
+  that a user's own MLflow code (or a second run in the same process) could collide with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from beitdist.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+"""Set (unless already set) before the first call, so an unreachable server costs seconds, not
+MLflow's default minutes of retries with backoff."""
+MARK_TAG = "beitdist.last_logged_step."
+MAX_KEY, MAX_PARAM_VALUE, PARAMS_PER_BATCH = 250, 6000, 100  # MLflow's limits
+PICTURES = 4
+
+
+def setting(tracking: Any, name: str, default: Any) -> Any:
+    """`recipe.tracking.<name>` whether tracking is a mapping or a TrackingSection-like object."""
+    if tracking is None:
+        return default
+    if isinstance(tracking, Mapping):
+        return tracking.get(name, default)
+    return getattr(tracking, name, default)
+
+
+def resolve_uri(tracking: Any, run_dir: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment). A local sqlite store keeps its
+    artifacts beside the database file; a server (or another database) decides for itself."""
+    uri = setting(tracking, "uri", None)
+    if not uri:
+        uri = f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return uri, (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return uri, None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested recipe dict -> {"optim.lr": "0.001", ...}: dotted keys, values as strings within
+    MLflow's limits; lists stay whole ("[0.9, 0.999]"); an empty mapping is kept as "{}"."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value, default=str) if isinstance(value, (list, tuple, Mapping)) else str(value)
+            flat[name[:MAX_KEY]] = text[:MAX_PARAM_VALUE]
+    return flat
+
+
+def _redact(uri: str) -> str:
+    """The URI without a password, for log messages."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _plain(recipe: Any) -> dict[str, Any]:
+    """The recipe as plain JSON-able data (a Recipe, a mapping, or nothing)."""
+    data = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe or {})
+    return json.loads(json.dumps(data, default=str))
+
+
+class Tracker:
+    """The MLflow run of one beitdist run, on rank 0 of one process."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.tracking = getattr(context.recipe, "tracking", None)
+        self.uri, self.artifact_location = resolve_uri(self.tracking, context.run_dir)
+        self.enabled = True
+        self.client: Any = None
+        self.run_id: str | None = None
+        self.marks: dict[str, int] = {}
+        resumed = int(context.extras.get("resumed_step") or 0)
+        self.floor = resumed if resumed > 0 else -1
+        """Nothing at or before the step training resumed from is logged again."""
+
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Run `action` unless tracking is off; the first failure turns tracking off for good."""
+        if not self.enabled:
+            return
+        try:
+            action()
+        except Exception as err:  # any MLflow, network or filesystem error: training goes on
+            self.enabled = False
+            log.warning("MLflow tracking to %s failed, tracking is off for the rest of run %r: %s: %s",
+                        _redact(self.uri), self.context.run_name, type(err).__name__, err)
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> None:
+        from mlflow import MlflowClient
+
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        run_dir = Path(self.context.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        experiment_id = self._experiment_id()
+        run = self._existing_run(run_dir / RUN_ID_FILE)
+        if run is None:
+            run = self.client.create_run(experiment_id, run_name=self.context.run_name,
+                                         tags={"beitdist.run_dir": str(run_dir.resolve())})
+            _write_atomic(run_dir / RUN_ID_FILE, run.info.run_id)
+        else:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        self.run_id = run.info.run_id
+        self.marks = {tag.removeprefix(MARK_TAG): int(value) for tag, value in run.data.tags.items()
+                      if tag.startswith(MARK_TAG)}
+        self._log_params(run.data.params)
+        recipe = _plain(self.context.recipe)
+        if recipe:
+            import yaml
+
+            self.client.log_text(self.run_id, yaml.safe_dump(recipe, sort_keys=False), "recipe.yaml")
+
+    def _experiment_id(self) -> str:
+        name = setting(self.tracking, "experiment", "beitdist")
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self.artifact_location)
+        except Exception:  # created meanwhile by another run on the same server
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def _existing_run(self, id_file: Path) -> Any:
+        """The run a previous attempt started, or None (no id file, or a run this store lacks:
+        the URI changed or the run was deleted). Any other error is a failure like any other."""
+        from mlflow.exceptions import MlflowException
+
+        if not id_file.exists():
+            return None
+        run_id, run = id_file.read_text().strip(), None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        if run is None or run.info.lifecycle_stage != "active":
+            log.warning("MLflow run %s (from %s) is not in %s; starting a new run", run_id, id_file, _redact(self.uri))
+            return None
+        return run
+
+    def _log_params(self, existing: Mapping[str, str]) -> None:
+        """Params are write-once in MLflow: log the missing ones only, say which ones changed."""
+        flat = flatten(_plain(self.context.recipe))
+        changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
+        if changed:
+            log.warning("recipe values changed since MLflow run %s started (params stay as first logged): %s",
+                        self.run_id, ", ".join(changed))
+        from mlflow.entities import Param
+
+        missing = [Param(k, v) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(missing), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=missing[i:i + PARAMS_PER_BATCH])
+
+    # ------------------------------------------------------------ events
+    def log_metrics(self, kind: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+        """One `log_batch` per event. Steps up to the last one logged for `kind` are skipped (a
+        resumed run replays them); non-finite or non-numeric values are left out."""
+        if not self.enabled or step <= max(self.marks.get(kind, -1), self.floor):
+            return
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        values = [Metric(re.sub(r"[^\w\-. /]", "_", k)[:MAX_KEY], float(v), now, step) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        all_tags = [RunTag(MARK_TAG + kind, str(step))] + [RunTag(k, v) for k, v in (tags or {}).items()]
+        self.guarded(lambda: self.client.log_batch(self.run_id, metrics=values, tags=all_tags))
+        self.marks[kind] = step
+
+    def finish(self, step: int, metrics: Mapping[str, Any], final_dir: str | Path | None) -> None:
+        self.log_metrics("eval", step, metrics)  # already logged by the last evaluation: skipped
+        if final_dir is not None and Path(final_dir).is_dir():
+            self.guarded(lambda: self.client.log_artifacts(self.run_id, str(final_dir), "final"))
+        if self.enabled and setting(self.tracking, "log_images", True):
+            self._log_pictures(final_dir)
+        self.guarded(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+
+    def _log_pictures(self, final_dir: str | Path | None) -> None:
+        """Drawing is not MLflow: a failure there is reported but does not turn tracking off."""
+        try:
+            images = pictures(self.context, final_dir)
+        except Exception as err:
+            log.warning("could not draw pictures for MLflow run %s: %s: %s", self.run_id, type(err).__name__, err)
+            return
+        if images:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, image in images.items():
+                    image.save(Path(tmp) / name)
+                self.guarded(lambda: self.client.log_artifacts(self.run_id, tmp, "pictures"))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ pictures
+def pictures(context: Any, final_dir: str | Path | None = None) -> dict[str, Any]:
+    """PNG-ready PIL images from `context.extras["sample_batch"]` (a dict of CPU tensors):
+    the inputs, the masked patches in grey (MIM: the batch has `bool_masked_pos`) and, for a
+    segmentation model, its predictions over the inputs. Empty without a sample batch."""
+    batch = context.extras.get("sample_batch")
+    if not batch or "pixel_values" not in batch:
+        return {}
+    pixels = batch["pixel_values"][:PICTURES].detach().float().cpu()
+    images = {f"input_{i}.png": _to_image(x) for i, x in enumerate(pixels)}
+    mask = batch.get("bool_masked_pos")
+    if mask is not None:
+        for i, (x, m) in enumerate(zip(pixels, mask[:PICTURES].bool().cpu())):
+            images[f"masked_{i}.png"] = _to_image(x, _grey_patches(x, m))
+    head = getattr(context.model, "head_name", None) or setting(getattr(context.recipe, "head", None), "name", None)
+    model = _picture_model(context, final_dir) if head == "segmentation" else None
+    if model is not None:
+        for i, (x, pred) in enumerate(zip(pixels, _predict(model, pixels))):
+            images[f"prediction_{i}.png"] = _overlay(_to_image(x), pred)
+    return images
+
+
+def _to_image(x: Any, grey: Any = None) -> Any:
+    """(3, H, W) normalised tensor -> RGB image, stretched per image (whatever the normalisation),
+    masked pixels grey, enlarged to ~224 px so tiny test images stay visible."""
+    from PIL import Image
+
+    lo, hi = x.amin(), x.amax()
+    rgb = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).round().byte()
+    if grey is not None:
+        rgb[:, grey] = 128
+    image = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
+    scale = max(1, 224 // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def _grey_patches(x: Any, mask: Any) -> Any:
+    """(N,) patch mask -> (H, W) pixel mask; the patch grid follows the image's aspect ratio."""
+    height, width = x.shape[-2:]
+    rows = round(math.sqrt(mask.numel() * height / width))
+    grid = mask.reshape(rows, mask.numel() // rows)
+    return grid.repeat_interleave(height // grid.shape[0], 0).repeat_interleave(width // grid.shape[1], 1)
+
+
+def _picture_model(context: Any, final_dir: str | Path | None) -> Any:
+    """The trained model for predictions: the live one, unless ZeRO-3 partitioned it (a forward on
+    rank 0 alone would wait forever for the other ranks) — then the consolidated final weights."""
+    model = context.model
+    if model is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model
+    if final_dir is not None and Path(final_dir).is_dir():
+        from beitdist.checkpoint import load_model
+
+        return load_model(final_dir, head="auto")
+    return None
+
+
+def _predict(model: Any, pixels: Any) -> Any:
+    """Class per pixel at input resolution; eval mode (no dropout, BatchNorm statistics kept),
+    then the model's mode is restored: it may be the live training module."""
+    import torch
+    import torch.nn.functional as F
+
+    param, was_training = next(model.parameters()), model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(pixels.to(param.device, param.dtype)).logits.float()
+    finally:
+        model.train(was_training)
+    return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear").argmax(1).cpu()
+
+
+def _overlay(image: Any, pred: Any) -> Any:
+    """Class colours (a fixed palette) blended half-and-half over the input."""
+    import torch
+    from PIL import Image
+
+    palette = torch.randint(0, 256, (int(pred.max()) + 1, 3), generator=torch.Generator().manual_seed(0))
+    colours = Image.fromarray(palette[pred].byte().numpy()).resize(image.size, Image.NEAREST)
+    return Image.blend(image, colours, 0.5)
+
+
+# -------------------------------------------------------------------- hooks
+_active: Tracker | None = None
+
+
+def reset() -> None:
+    """Forget the tracker of this process (what a restarted process starts with); for tests."""
+    global _active
+    _active = None
+
+
+def _tracker(context: Any) -> Tracker | None:
+    if _active is None or context.rank != 0 or Path(_active.context.run_dir) != Path(context.run_dir):
+        return None
+    return _active
+
+
+@hookimpl
+def beitdist_on_train_start(context: Any) -> None:
+    """Rank 0: open (or continue) the MLflow run, log params and the recipe."""
+    global _active
+    _active = None
+    if context.rank != 0 or context.recipe is None:  # no recipe: not a beitdist run, nothing to log
+        return
+    if not setting(getattr(context.recipe, "tracking", None), "enabled", True):
+        return
+    _active = Tracker(context)
+    _active.guarded(_active.start)
+
+
+@hookimpl
+def beitdist_on_step_end(context: Any, step: int, metrics: dict[str, Any]) -> None:
+    if (tracker := _tracker(context)) is not None:
+        tracker.log_metrics("train", step, metrics)
+
+
+@hookimpl
+def beitdist_on_eval_end(context: Any, step: int, metrics: dict[str, float]) -> None:
+    if (tracker := _tracker(context)) is not None:
+        tracker.log_metrics("eval", step, metrics)
+
+
+@hookimpl
+def beitdist_on_checkpoint_saved(context: Any, step: int, path: str) -> None:
+    if (tracker := _tracker(context)) is not None:
+        tracker.log_metrics("checkpoint", step, {"last_checkpoint_step": step},
+                            {"beitdist.last_checkpoint_step": str(step), "beitdist.last_checkpoint": str(path)})
+
+
+@hookimpl
+def beitdist_on_train_end(context: Any, step: int, metrics: dict[str, float], final_dir: str | Path | None) -> None:
+    """Rank 0: final weights and pictures as artifacts, then the run is FINISHED."""
+    global _active
+    if (tracker := _tracker(context)) is not None:
+        tracker.finish(step, metrics, final_dir)
+        _active = None

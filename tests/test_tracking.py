@@ -1,0 +1,302 @@
+"""MLflow tracking (beitdist.tracking): one run per run directory across restarts, rank 0 only,
+never stops training. The hooks are called the way train.py calls them (through
+`beitdist.plugins.emit`), with a TrainContext and a tiny fake recipe; results are read back with
+MlflowClient from the sqlite store the plugin made in the run directory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from beitdist import plugins, tracking
+from beitdist.events import TrainContext
+
+
+@dataclass
+class FakeTracking:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "beitdist"
+    log_images: bool = True
+
+
+class FakeRecipe:
+    def __init__(self, tracking=None, head="mim", steps=8):
+        self.tracking = FakeTracking() if tracking is None else tracking
+        self.head = {"name": head}
+        self.steps = steps
+
+    def to_dict(self):
+        tracking_dict = vars(self.tracking) if not isinstance(self.tracking, dict) else self.tracking
+        return {"name": "t", "head": {"name": self.head["name"], "options": {}},
+                "optim": {"lr": 0.001, "betas": (0.9, 0.999)}, "train": {"steps": self.steps},
+                "tracking": dict(tracking_dict), "notes": "x" * 7000}
+
+
+@pytest.fixture(autouse=True)
+def clean_state(monkeypatch):
+    """No tracker left from another test; the HTTP settings the plugin sets are undone after."""
+    for name in tracking.HTTP_DEFAULTS:
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    tracking.reset()
+    yield
+    tracking.reset()
+
+
+@pytest.fixture(scope="module")
+def emit():
+    """plugins.emit, with the tracking plugin registered as the built-in it is."""
+    assert "beitdist.tracking" in plugins.BUILTIN_PLUGINS
+    return plugins.emit
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """A migrated, empty sqlite store: creating one takes ~5 s on a busy 2-core machine, so the
+    tests that do not check the plugin creating its own copy one into the run dir."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _with_store(run_dir, empty_store):
+    run_dir.mkdir(parents=True)
+    shutil.copy(empty_store, run_dir / "mlflow.db")
+    return run_dir
+
+
+def _context(run_dir, rank=0, resumed=0, **recipe):
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :5] = True
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "bool_masked_pos": mask}
+    return TrainContext("t", run_dir, rank, 2, FakeRecipe(**recipe), None,
+                        extras={"resumed_step": resumed, "sample_batch": batch})
+
+
+def _steps(emit, ctx, steps):
+    for s in steps:
+        emit("beitdist_on_step_end", context=ctx, step=s,
+             metrics={"loss": 1.0 / s, "lr": 1e-3, "grad_norm": math.nan if s == 2 else 0.5, "images_per_s": 10.0})
+
+
+def _client(run_dir):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+
+
+def _runs(client):
+    experiment = client.get_experiment_by_name("beitdist")
+    return client.search_runs([experiment.experiment_id])
+
+
+def _history(client, run_id, key):
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ helpers
+def test_flatten_dotted_keys_stringified_within_mlflow_limits():
+    flat = tracking.flatten(FakeRecipe().to_dict())
+    assert flat["optim.lr"] == "0.001" and flat["optim.betas"] == "[0.9, 0.999]"
+    assert flat["head.options"] == "{}" and flat["tracking.uri"] == "None"
+    assert len(flat["notes"]) == 6000
+
+
+def test_settings_from_a_mapping_or_an_object(tmp_path):
+    assert tracking.setting({"uri": "http://x"}, "uri", None) == tracking.setting(FakeTracking(uri="http://x"), "uri", None)
+    assert tracking.setting(None, "enabled", True) is True
+    uri, artifacts = tracking.resolve_uri({"uri": None}, tmp_path / "run")
+    assert uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    assert artifacts == (tmp_path / "run" / "mlartifacts").as_uri()
+    assert tracking.resolve_uri(FakeTracking(uri="http://h:5000"), tmp_path) == ("http://h:5000", None)
+
+
+# ---------------------------------------------------------------- one run
+def test_one_run_params_metrics_artifacts(emit, tmp_path, monkeypatch):
+    """Params, metrics with exact steps, checkpoint tag, artifacts in the run dir (none in ./mlruns)."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    ctx = _context(run_dir)
+    emit("beitdist_on_train_start", context=ctx)
+    _steps(emit, ctx, range(1, 5))
+    emit("beitdist_on_eval_end", context=ctx, step=4, metrics={"val_loss": 0.5, "val_accuracy": 0.25})
+    emit("beitdist_on_checkpoint_saved", context=ctx, step=4, path=str(run_dir / "checkpoints" / "step_4"))
+    final = run_dir / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_bytes(b"weights")
+    emit("beitdist_on_train_end", context=ctx, step=4, metrics={"val_loss": 0.5}, final_dir=final)
+
+    client = _client(run_dir)
+    (run,) = _runs(client)
+    run_id = run.info.run_id
+    assert (run_dir / "mlflow_run_id").read_text() == run_id and run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["train.steps"] == "8"
+    assert _history(client, run_id, "loss") == [1, 2, 3, 4]
+    assert _history(client, run_id, "grad_norm") == [1, 3, 4]  # NaN left out
+    assert _history(client, run_id, "val_accuracy") == [4]
+    assert run.data.tags["beitdist.last_checkpoint_step"] == "4"
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert top == {"recipe.yaml", "final", "pictures"}
+    pictures = {a.path for a in client.list_artifacts(run_id, "pictures")}
+    assert {"pictures/input_0.png", "pictures/masked_1.png"} <= pictures
+    assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").as_uri())
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    from PIL import Image
+
+    masked = next((run_dir / "mlartifacts").rglob("masked_0.png"))
+    assert Image.open(masked).getpixel((0, 0)) == (128, 128, 128)  # patch 0 is masked
+
+
+def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, caplog, empty_store):
+    """A restart (fresh module state, same run dir) continues the run: no second run, no step
+    logged twice even though steps 5-6 are replayed from the step-4 checkpoint."""
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    first = _context(run_dir)
+    emit("beitdist_on_train_start", context=first)
+    _steps(emit, first, range(1, 7))
+    emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
+    run_id = (run_dir / "mlflow_run_id").read_text()
+
+    tracking.reset()  # the process died; a new one starts from the step-4 checkpoint
+    again = _context(run_dir, resumed=4, steps=10)  # and the recipe changed meanwhile
+    with caplog.at_level(logging.WARNING, logger="beitdist.tracking"):
+        emit("beitdist_on_train_start", context=again)
+    assert "train.steps" in caplog.text
+    _steps(emit, again, range(5, 11))
+    emit("beitdist_on_eval_end", context=again, step=10, metrics={"val_loss": 0.1})
+    emit("beitdist_on_train_end", context=again, step=10, metrics={"val_loss": 0.1}, final_dir=None)
+
+    client = _client(run_dir)
+    (run,) = _runs(client)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert _history(client, run_id, "loss") == list(range(1, 11))
+    assert run.data.params["train.steps"] == "8"  # params are write-once
+    assert (run_dir / "mlflow_run_id").read_text() == run_id
+
+
+@pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])
+def test_rank_1_and_disabled_tracking_log_nothing(emit, tmp_path, case):
+    """Rank 1 (and a run with tracking off) logs nothing, writes nothing."""
+    run_dir = tmp_path / "run"
+    if case == "rank1":
+        ctx = _context(run_dir, rank=1)
+    else:
+        off = FakeTracking(enabled=False) if case == "disabled" else {"enabled": False}
+        ctx = _context(run_dir, tracking=off)
+    emit("beitdist_on_train_start", context=ctx)
+    _steps(emit, ctx, [1])
+    emit("beitdist_on_eval_end", context=ctx, step=1, metrics={"val_loss": 1.0})
+    emit("beitdist_on_checkpoint_saved", context=ctx, step=1, path="x")
+    emit("beitdist_on_train_end", context=ctx, step=1, metrics={}, final_dir=None)
+    assert not run_dir.exists() and tracking._active is None
+
+
+def test_unreachable_server_warns_once_and_training_goes_on(emit, tmp_path, caplog):
+    """An unreachable server: nothing raises, one warning naming the URI, and it is quick."""
+    import mlflow  # noqa: F401  (not timed: importing takes seconds on a busy machine)
+
+    uri = f"http://127.0.0.1:{_free_port()}"
+    ctx = _context(tmp_path / "run", tracking=FakeTracking(uri=uri))
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        emit("beitdist_on_train_start", context=ctx)
+        _steps(emit, ctx, range(1, 4))
+        emit("beitdist_on_eval_end", context=ctx, step=3, metrics={"val_loss": 1.0})
+        emit("beitdist_on_checkpoint_saved", context=ctx, step=3, path="x")
+        emit("beitdist_on_train_end", context=ctx, step=3, metrics={}, final_dir=None)
+    assert time.monotonic() - start < 10
+    ours = [r for r in caplog.records if r.name == "beitdist.tracking"]
+    assert len(ours) == 1 and uri in ours[0].getMessage(), caplog.text
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+
+
+def test_train_end_draws_segmentation_predictions(emit, tmp_path, empty_store):
+    """A segmentation run: its predictions drawn over the inputs; the run ends FINISHED."""
+    import beitdist
+
+    config = beitdist.BackboneConfig(embed_dim=32, depth=4, num_heads=4, image_size=32, patch_size=8)
+    model = beitdist.build_model(config, "segmentation", {"num_classes": 4, "auxiliary_channels": 8})
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    ctx = TrainContext("seg", run_dir, 0, 1, FakeRecipe(head="segmentation"), model,
+                       extras={"sample_batch": {"pixel_values": torch.randn(2, 3, 32, 32)}})
+    emit("beitdist_on_train_start", context=ctx)
+    emit("beitdist_on_train_end", context=ctx, step=0, metrics={}, final_dir=None)
+    client = _client(run_dir)
+    (run,) = _runs(client)
+    assert run.info.status == "FINISHED" and model.training
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert pictures == {f"pictures/{k}_{i}.png" for k in ("input", "prediction") for i in (0, 1)}
+
+
+# ------------------------------------------------------------ real server
+@pytest.mark.slow
+def test_logging_through_a_real_mlflow_server(emit, tmp_path):
+    from mlflow import MlflowClient
+
+    port = _free_port()
+    artifacts = tmp_path / "server_artifacts"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health"
+            time.sleep(0.5)
+        run_dir = tmp_path / "run"
+        ctx = _context(run_dir, tracking=FakeTracking(uri=uri))
+        emit("beitdist_on_train_start", context=ctx)
+        _steps(emit, ctx, range(1, 4))
+        emit("beitdist_on_eval_end", context=ctx, step=3, metrics={"val_loss": 0.3})
+        final = run_dir / "final"
+        final.mkdir()
+        (final / "config.json").write_text("{}")
+        emit("beitdist_on_train_end", context=ctx, step=3, metrics={}, final_dir=final)
+        assert tracking._active is None
+
+        client = MlflowClient(uri)
+        (run,) = _runs(client)
+        assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.001"
+        assert _history(client, run.info.run_id, "loss") == [1, 2, 3]
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"recipe.yaml", "final", "pictures"}
+        assert next(artifacts.rglob("config.json")).read_text() == "{}"
+        assert not (run_dir / "mlflow.db").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the group this test started: the server and its workers
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

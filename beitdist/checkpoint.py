@@ -135,13 +135,13 @@ def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
         ckpt_dir, tag = path.parent, path.name
     else:
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        from beitdist.engine import complete_tags
+        from beitdist.run_checkpoints import complete_tags
 
         tags = complete_tags(ckpt_dir)
         if not tags:
             return None
         ckpt_dir, tag = ckpt_dir, tags[0]
-    from beitdist.engine import consolidated_state_dict
+    from beitdist.run_checkpoints import consolidated_state_dict
     from beitdist.recipe import HeadSection, ModelSection
     from beitdist.schema import OptionsError, parse
 

@@ -129,14 +129,17 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _end_distributed_process(code: int) -> None:
+def _end_distributed_process(code: int, sync: bool = True) -> None:
     """Leave a multi-rank run without interpreter teardown: torch's gloo teardown aborts now and
-    then (SIGABRT) after all work is done, which would turn a finished run into a failed one."""
+    then (SIGABRT) after all work is done, which would turn a finished run into a failed one.
+    `sync=False` skips the final barrier, for failures only some ranks saw (a failed checkpoint
+    write): the others may be blocked in a collective, and the launcher ends them."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        if sync:
+            dist.barrier()
+            dist.destroy_process_group()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -234,13 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except RunFailedError as err:
         print(f"beitdist {args.command}: run failed: {err}", file=sys.stderr)
+        if args.command == "train":
+            _end_distributed_process(err.exit_code, sync=err.all_ranks)
         return err.exit_code
-    except RuntimeError as err:
-        if type(err).__name__ != "NonFiniteLossError":
-            raise
-        print(f"beitdist {args.command}: run failed: {err}", file=sys.stderr)
-        _end_distributed_process(EXIT_FAILED)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"beitdist {args.command}: interrupted", file=sys.stderr)
         return EXIT_FAILED

@@ -1,28 +1,21 @@
-"""DeepSpeed: config from the recipe, distributed set-up, engine construction, checkpoints.
+"""DeepSpeed: config from the recipe, distributed set-up, engine construction.
 
 beitdist writes every DeepSpeed setting that changes results explicitly (gradient clipping above
 all: DeepSpeed >= 0.17 silently defaults it to 1.0), builds ZeRO-3 models under
 `deepspeed.zero.Init` so no rank materialises the whole model, and passes its own AdamW (built
 from the layer-decay groups) as a client optimizer, which also avoids JIT-building fused Adam.
 
-Checkpoints are DeepSpeed's sharded format plus two things DeepSpeed lacks: a manifest written
-after every rank finished (files and sizes, so a truncated checkpoint is detected) and an atomic
-`latest` pointer, so a crash mid-save never leaves a `latest` that cannot be loaded.
+A run's checkpoint directory (commit, resume, pruning, failed saves) is `beitdist.run_checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,8 +34,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "zero3": {"zero_stage": 3},
     "zero3_offload": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
 }
-MANIFEST = "beitdist_manifest.json"
-LATEST = "latest"
 
 
 @dataclass(frozen=True)
@@ -197,101 +188,3 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
     for name, buffer in model.named_buffers():
         if name in state:
             buffer.data.copy_(state[name].to(buffer.dtype))
-
-
-# ----------------------------------------------------------------- checkpoints
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def finish_checkpoint(ckpt_dir: Path, tag: str) -> Path:
-    """After every rank wrote its shard: rank 0 writes the manifest (files and sizes) and swaps
-    `latest` atomically. Until then the checkpoint does not count as complete."""
-    ckpt_dir = Path(ckpt_dir)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        files = {
-            str(p.relative_to(ckpt_dir / tag)): p.stat().st_size for p in sorted((ckpt_dir / tag).rglob("*")) if p.is_file()
-        }
-        manifest = {"tag": tag, "files": files, "world_size": dist.get_world_size()}
-        _write_atomic(ckpt_dir / tag / MANIFEST, json.dumps(manifest, indent=1))
-        _write_atomic(ckpt_dir / LATEST, tag)
-    dist.barrier()
-    return ckpt_dir / tag
-
-
-def checkpoint_problems(tag_dir: Path) -> list[str]:
-    """Why a checkpoint directory cannot be trusted (empty when it is complete)."""
-    manifest = tag_dir / MANIFEST
-    if not manifest.exists():
-        return [f"{tag_dir}: no {MANIFEST} (the save did not finish)"]
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError) as err:
-        return [f"{manifest}: unreadable ({err})"]
-    problems = []
-    for name, size in files.items():
-        path = tag_dir / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != size:
-            problems.append(f"{path}: {path.stat().st_size} bytes, expected {size} (truncated?)")
-    return problems
-
-
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of complete checkpoints, newest (highest step) first; broken ones are logged and skipped."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    tags = []
-    for tag_dir in ckpt_dir.iterdir():
-        if not tag_dir.is_dir() or not tag_dir.name.startswith("step_"):
-            continue
-        problems = checkpoint_problems(tag_dir)
-        if problems:
-            log.warning("skipping checkpoint %s: %s", tag_dir, "; ".join(problems[:3]))
-            continue
-        tags.append(tag_dir.name)
-    return sorted(tags, key=lambda t: int(t.removeprefix("step_").split("_")[0]), reverse=True)
-
-
-def saved_world_size(tag_dir: Path) -> int:
-    return int(json.loads((Path(tag_dir) / MANIFEST).read_text())["world_size"])
-
-
-def to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert a checkpoint to DeepSpeed's universal format (for a different world size); returns
-    the universal tag, written into `latest_universal`. Runs once, on rank 0."""
-    ckpt_dir = Path(ckpt_dir)
-    universal = f"{tag}_universal"
-    if not (ckpt_dir / universal).exists():
-        tmp = ckpt_dir / f".{universal}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, ckpt_dir / universal)
-    _write_atomic(ckpt_dir / "latest_universal", universal)
-    return universal
-
-
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model from a sharded checkpoint (any ZeRO stage)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag_dir = Path(ckpt_dir) / tag
-    if any(tag_dir.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        # buffers (BatchNorm statistics) are kept in the model-states file
-        module = torch.load(next(tag_dir.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
-        for key, value in (module or {}).items():
-            state.setdefault(key, value.float() if value.is_floating_point() else value)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 
 class RunFailedError(RuntimeError):
-    """A launched run failed on its workers after Ray used up its restarts. `exit_code` is 2 when
-    the root cause is bad input that only the workers could see (a corrupt image, a label out of
-    range, a data path missing on a worker's machine), 1 otherwise; either way the last complete
+    """A run that started and then failed; the CLI prints one line and exits with `exit_code`.
+
+    For a launched run that failed on its workers after Ray used up its restarts, `exit_code` is 2
+    when the root cause is bad input only the workers could see (a corrupt image, a label out of
+    range, a data path missing on a worker's machine) and 1 otherwise. Either way the last complete
     checkpoint is kept and launching the recipe again resumes from it."""
+
+    all_ranks = True
+    """Whether every rank raises it together (so a final barrier cannot hang)."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)

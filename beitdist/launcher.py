@@ -37,6 +37,7 @@ class LaunchPlan:
     world_size: int
     use_gpu: bool
     per_rank_batch: int
+    grad_accum: int
     global_batch: int
     zero_stage: int
     steps: int
@@ -50,7 +51,7 @@ class LaunchPlan:
             f"run            {recipe.name} -> {recipe.run_dir}",
             f"model          {recipe.model.variant} backbone, head {recipe.head.name}, {self.params / 1e6:.1f}M parameters",
             f"workers        {self.world_size} x {device} (placement {_scaling(recipe)['placement_strategy']})",
-            f"batch          {self.per_rank_batch} per rank x {recipe.engine.grad_accum} accumulation x "
+            f"batch          {self.per_rank_batch} per rank x {self.grad_accum} accumulation x "
             f"{self.world_size} ranks = {self.global_batch} global",
             f"engine         DeepSpeed ZeRO-{self.zero_stage}, {recipe.engine.precision}, {self.steps} steps",
             f"memory         ~{self.per_rank_gib:.1f} GiB per rank on the device, {self.host_gib:.1f} GiB host (offload)",
@@ -77,6 +78,7 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
 
     scaling = _scaling(recipe)
     world = scaling["num_workers"]
+    recipe = recipe.at_world_size(world)
     engine = recipe.engine.resolved()
     backbone = recipe.model.backbone_config()
     params = count_parameters(backbone, recipe.head.name, recipe.head.options)
@@ -84,7 +86,7 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
                                    recipe.engine.activation_checkpointing)
     memory = plan(params, world, engine["zero_stage"], recipe.engine.precision, engine["offload_optimizer"],
                   engine["offload_params"], activations)
-    return LaunchPlan(world, use_gpu, recipe.data.batch_size, recipe.data.batch_size * recipe.engine.grad_accum * world,
+    return LaunchPlan(world, use_gpu, recipe.data.batch_size, recipe.engine.grad_accum, recipe.global_batch,
                       engine["zero_stage"], recipe.train.steps, params, memory.device_total / 1024**3,
                       memory.cpu / 1024**3)
 
@@ -156,7 +158,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             clean["checkpoint_step"] = float(metrics.get("step", 0))
         ray.train.report(clean)
 
+    _record_worker(recipe.run_dir, dist_info.rank)
     run(recipe, dist_info, reporter=report)
+
+
+WORKERS_DIR = "workers"
+
+
+def _record_worker(run_dir: Path, rank: int) -> None:
+    """`<run_dir>/workers/rank_<r>.json`: which Ray node, host and process run each rank, and from
+    when. Rewritten by every attempt, so after a restart it says where the ranks run now: what an
+    operator needs to find a rank's logs or to kill a stuck one."""
+    import ray
+
+    from beitdist.run_checkpoints import _write_atomic
+
+    context = ray.get_runtime_context()
+    record = {"rank": rank, "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+              "hostname": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    folder = Path(run_dir) / WORKERS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(folder / f"rank_{rank}.json", json.dumps(record))
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -180,7 +202,7 @@ def _run_failed(recipe: Recipe, error: BaseException, max_failures: int) -> RunF
     what = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
     restarts = "no restarts allowed" if max_failures == 0 else f"after {max_failures} restarts" if max_failures > 0 \
         else "restarts unlimited"
-    from beitdist.engine import complete_tags
+    from beitdist.run_checkpoints import complete_tags
 
     checkpoints = recipe.run_dir / "checkpoints"
     tags = complete_tags(checkpoints)

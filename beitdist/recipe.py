@@ -144,6 +144,10 @@ class ScalingSection:
     """Worker-group restarts Ray Train attempts (each resumes from the newest checkpoint); -1: unlimited."""
     gpu_memory_gb: float | None = None
     """Device memory per GPU, for planning (`beitdist plan`, `launch --dry-run`); None: not checked."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step, pinned: engine.grad_accum is then derived at run time as
+    global_batch_size / (data.batch_size x ranks), so a run resumed on fewer or more workers
+    (elastic) keeps its optimization. None: data.batch_size x engine.grad_accum x num_workers."""
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "num_workers", f"expected >= 1, got {self.num_workers}")
@@ -155,6 +159,8 @@ class ScalingSection:
         if self.use_gpu is False:
             check(self.resources_per_worker.get("GPU", 0) == 0, "resources_per_worker.GPU",
                   "asks for GPUs, but use_gpu is false")
+        check(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size",
+              f"expected >= 1 or null, got {self.global_batch_size}")
         check(self.gpu_memory_gb is None or (math.isfinite(self.gpu_memory_gb) and self.gpu_memory_gb > 0),
               "gpu_memory_gb", f"expected a size in GB > 0 or null, got {self.gpu_memory_gb}")
 
@@ -219,6 +225,13 @@ class Recipe:
         if scaling.use_gpu is False:
             check(engine.precision != "fp16", "engine.precision",
                   "fp16 needs GPUs (loss scaling on CUDA), but scaling.use_gpu is false; use bf16 or fp32")
+        if scaling.global_batch_size is not None:
+            self._check_global_batch(scaling.num_workers, "scaling.num_workers")
+            derived = scaling.global_batch_size // (self.data.batch_size * scaling.num_workers)
+            check(engine.grad_accum in (1, derived), "engine.grad_accum",
+                  f"is {engine.grad_accum}, but scaling.global_batch_size {scaling.global_batch_size} / "
+                  f"(data.batch_size {self.data.batch_size} x scaling.num_workers {scaling.num_workers}) gives "
+                  f"{derived}; remove engine.grad_accum (it is derived) or scaling.global_batch_size")
         global_batch = self.data.batch_size * engine.grad_accum * scaling.num_workers
         implied = {
             "train_batch_size": (global_batch, "data.batch_size x engine.grad_accum x scaling.num_workers"),
@@ -245,9 +258,33 @@ class Recipe:
         cls = _plugin("dataset", self.data.dataset, "data.dataset")
         return parse(cls.Options, self.data.options, "data.options")
 
+    def _check_global_batch(self, ranks: int, source: str) -> None:
+        per_step = self.data.batch_size * ranks
+        gbs = self.scaling.global_batch_size
+        check(gbs is not None and gbs % per_step == 0, "scaling.global_batch_size",
+              f"{gbs} is not a multiple of data.batch_size {self.data.batch_size} x {ranks} ranks ({source}); "
+              f"allowed: multiples of {per_step}, or change data.batch_size")
+
+    def at_world_size(self, ranks: int) -> Recipe:
+        """This recipe as run on `ranks` ranks: with a pinned scaling.global_batch_size,
+        engine.grad_accum becomes global / (data.batch_size x ranks); otherwise unchanged."""
+        gbs = self.scaling.global_batch_size
+        if gbs is None:
+            return self
+        try:
+            self._check_global_batch(ranks, f"the run has {ranks} ranks")
+        except OptionsError as err:
+            raise RecipeError(f"recipe {self.name!r}: {err}") from None
+        accum = gbs // (self.data.batch_size * ranks)
+        return self.replace(engine=dataclasses.replace(self.engine, grad_accum=accum),
+                            scaling=dataclasses.replace(self.scaling, num_workers=ranks))
+
     @property
     def global_batch(self) -> int:
-        """Samples per optimizer step: data.batch_size x engine.grad_accum x scaling.num_workers."""
+        """Samples per optimizer step: data.batch_size x engine.grad_accum x scaling.num_workers
+        (scaling.global_batch_size when pinned)."""
+        if self.scaling.global_batch_size is not None:
+            return self.scaling.global_batch_size
         return self.data.batch_size * self.engine.grad_accum * self.scaling.num_workers
 
     @property

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,9 +26,11 @@ import torch
 import torch.distributed as dist
 
 from beitdist import engine as eng
+from beitdist import run_checkpoints as ckpts
 from beitdist import plugins
 from beitdist.checkpoint import load_model, save_checkpoint
 from beitdist.data.pipeline import build_loaders
+from beitdist.errors import RunFailedError
 from beitdist.events import TrainContext
 from beitdist.model import BeitForTask, ModelOutput, build_model
 from beitdist.optim import Schedule, apply_schedule, build_adamw, param_groups
@@ -43,8 +44,18 @@ PROGRESS_FILE = "progress.json"
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+class NonFiniteLossError(RunFailedError):
+    """Too many consecutive non-finite losses (every rank sees the same reduced losses); the last
+    good checkpoint is kept."""
+
+
+class CheckpointSaveError(RunFailedError):
+    """A checkpoint could not be written (disk full, quota, I/O error). The run stops rather than
+    train on without checkpoints; the half-written directory is removed and `latest` still names
+    the previous complete checkpoint, which the next launch resumes from. Possibly raised by some
+    ranks only (the others may be blocked in the save)."""
+
+    all_ranks = False
 
 
 @dataclass
@@ -83,6 +94,10 @@ class Trainer:
         recipe = self.recipe
         eng.init_distributed(self.dist_info)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.recipe = recipe = recipe.at_world_size(self.world)  # grad_accum for a pinned global batch
+        if self.rank == 0 and recipe.scaling.global_batch_size:
+            log.info("global batch %d = %d per rank x %d accumulation x %d ranks", recipe.global_batch,
+                     recipe.data.batch_size, recipe.engine.grad_accum, self.world)
         self.device = eng.device_for(self.dist_info)
         _seed_everything(recipe.seed, 0, self.rank)
         backbone = recipe.model.backbone_config()
@@ -121,21 +136,25 @@ class Trainer:
                                     extras={"resumed_step": self.step})
 
     def _resume_tag(self) -> tuple[str | None, bool]:
-        tags = eng.complete_tags(self.ckpt_dir)
-        if not tags:
+        """The newest complete checkpoint, and whether it must be loaded as a universal one.
+        Newer checkpoints that are broken (truncated or missing files, deleted directory) are
+        passed over with one warning that names them and why. Rank 0 decides for every rank, so
+        ranks that see a shared file system at different moments cannot resume different steps."""
+        point = ckpts.resume_point(self.ckpt_dir)
+        if self.rank == 0 and point.warning() is not None:
+            log.warning("%s", point.warning())
+        choice = [point.tag]
+        dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
+        if tag is None:
             return None, False
-        tag = tags[0]
-        newest = sorted((p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir() and "universal" not in p.name),
-                        key=lambda t: int(t.removeprefix("step_")), reverse=True)
-        if newest and newest[0] != tag:
-            log.warning("newest checkpoint %s is incomplete; resuming from %s", newest[0], tag)
-        saved = eng.saved_world_size(self.ckpt_dir / tag)
+        saved = ckpts.saved_world_size(self.ckpt_dir / tag)
         if saved == self.world:
             return tag, False
         log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
                  tag, saved, self.world)
         if self.rank == 0:
-            eng.to_universal(self.ckpt_dir, tag)
+            ckpts.to_universal(self.ckpt_dir, tag)
         dist.barrier()
         return f"{tag}_universal", True
 
@@ -150,7 +169,22 @@ class Trainer:
         eng.load_weights_into(model, state)
 
     def _load(self, tag: str) -> None:
+        """Load checkpoint `tag`, mending two things DeepSpeed's universal-checkpoint loader for
+        ZeRO-3 (0.19) gets wrong after a world-size change: it copies the hyperparameters of
+        param group 0 into every group (erasing layer-wise lr decay and the no-weight-decay
+        groups), and it gives every parameter sub-group the SAME `step` tensor, which AdamW then
+        increments once per sub-group per optimizer step (wrong bias correction from the first
+        step on). Put back the groups' own settings (the recipe defines them) and one `step`
+        per state."""
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if tag.endswith("_universal"):
+            for group, own in zip(self.optimizer.param_groups, groups, strict=True):
+                group.update(own)
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         state = json.loads((self.ckpt_dir / tag.removesuffix("_universal") / STATE_FILE).read_text())
         self.step, self.loader_state = state["step"], state["loader"]
         log.info("resumed from %s at step %d", tag, self.step)
@@ -270,32 +304,44 @@ class Trainer:
         return metrics
 
     def save(self, metrics: Mapping[str, float]) -> Path:
+        """Write checkpoint step_N: every rank's shards, rank 0's loop state, then the commit
+        (manifest and `latest`, finish_checkpoint); only then are old checkpoints pruned. A failed
+        write (disk full, quota, I/O error) removes the half-written directory, leaves `latest` on
+        the previous complete checkpoint and stops the run with CheckpointSaveError: training on
+        without checkpoints would lose work the user believes is saved. Another rank blocked in
+        the save is ended by the launcher (torchrun, Ray) when this one exits."""
         tag = f"step_{self.step}"
         path = self.ckpt_dir / tag
-        if self.rank == 0:
-            shutil.rmtree(path, ignore_errors=True)  # a leftover from a crashed save of this step
-        dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step}, save_latest=False)
-        if self.rank == 0:
-            state = {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
-                     "recipe": self.recipe.to_dict()}
-            eng._write_atomic(path / STATE_FILE, json.dumps(state, indent=1, default=str))
-        eng.finish_checkpoint(self.ckpt_dir, tag)
+        try:
+            if self.rank == 0:
+                ckpts.discard_checkpoint(self.ckpt_dir, tag)  # a leftover from a crashed save of this step
+            dist.barrier()
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step}, save_latest=False)
+            if self.rank == 0:
+                state = {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
+                         "recipe": self.recipe.to_dict()}
+                ckpts._write_atomic(path / STATE_FILE, json.dumps(state, indent=1, default=str))
+            ckpts.finish_checkpoint(self.ckpt_dir, tag)
+        except (OSError, RuntimeError) as err:
+            if ckpts.is_committed(self.ckpt_dir, tag):
+                raise  # the checkpoint is complete; what failed came after it (a lost peer in the last barrier)
+            raise CheckpointSaveError(ckpts.abandon_checkpoint(self.ckpt_dir, tag, err, remove=self.rank == 0)) from None
         self._prune()
         plugins.emit("beitdist_on_checkpoint_saved", context=self.context, step=self.step, path=str(path))
         return path
 
     def _prune(self) -> None:
+        """Rank 0, after a complete save: keep the newest `keep_checkpoints` complete checkpoints
+        (never fewer than one, never the one `latest` names)."""
         if self.rank != 0:
             return
-        keep = self.recipe.train.keep_checkpoints
-        for tag in eng.complete_tags(self.ckpt_dir)[keep:]:
-            shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
-            shutil.rmtree(self.ckpt_dir / f"{tag}_universal", ignore_errors=True)
+        deleted = ckpts.prune_checkpoints(self.ckpt_dir, self.recipe.train.keep_checkpoints, f"step_{self.step}")
+        if deleted:
+            log.info("removed old checkpoints %s", ", ".join(deleted))
 
     def consolidate(self, tag: str) -> Path:
         """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint)."""
-        state = eng.consolidated_state_dict(self.ckpt_dir, tag)
+        state = ckpts.consolidated_state_dict(self.ckpt_dir, tag)
         recipe = self.recipe
         model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -314,9 +360,12 @@ class Trainer:
         eta = (now - self._started) / done * (self.recipe.train.steps - self.step)
         progress = {"step": self.step, "steps": self.recipe.train.steps, "loss": step_metrics["loss"],
                     "images_per_s": step_metrics["images_per_s"], "eta_s": eta, **eval_metrics}
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint it may not exist yet
-        eng._write_atomic(self.run_dir / PROGRESS_FILE, json.dumps(progress))
         self._progress_at = now
+        try:  # what a progress bar shows is not worth a run: a full disk is reported by the next save
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint it may not exist yet
+            ckpts._write_atomic(self.run_dir / PROGRESS_FILE, json.dumps(progress), durable=False)
+        except OSError as err:
+            log.debug("could not write %s: %s", self.run_dir / PROGRESS_FILE, err)
 
     def run(self) -> TrainResult:
         self.setup()
@@ -356,7 +405,7 @@ class Trainer:
         if self.rank == 0:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
                        "final_dir": str(final_dir) if final_dir else None, "world_size": self.world}
-            eng._write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
+            ckpts._write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)
         dist.barrier()

@@ -450,3 +450,29 @@ def test_mlflow_tracking_uri_from_the_environment_fills_an_unset_uri():
     assert with_environment(recipe, {}).tracking.uri is None
     pinned = parse_recipe({"name": "r", "tracking": {"uri": "sqlite:///x.db"}})
     assert with_environment(pinned, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}).tracking.uri == "sqlite:///x.db"
+
+
+def test_pinned_global_batch_derives_grad_accum_per_world_size():
+    from beitdist.recipe import RecipeError, parse_recipe
+
+    recipe = parse_recipe({"data": {"dataset": "digits", "batch_size": 8},
+                           "scaling": {"num_workers": 2, "global_batch_size": 64}})
+    assert recipe.global_batch == 64
+    assert [recipe.at_world_size(w).engine.grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert recipe.at_world_size(1).scaling.num_workers == 1
+    with pytest.raises(RecipeError, match=r"scaling.global_batch_size: 64 is not a multiple of data.batch_size 8 x 16"):
+        recipe.at_world_size(16)
+    assert parse_recipe({"data": {"dataset": "digits", "batch_size": 8}}).at_world_size(4).engine.grad_accum == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("scaling: {num_workers: 3, global_batch_size: 64}\ndata: {dataset: digits, batch_size: 8}\n",
+     "scaling.global_batch_size: 64 is not a multiple of data.batch_size 8 x 3 ranks (scaling.num_workers)"),
+    ("scaling: {num_workers: 2, global_batch_size: 64}\ndata: {dataset: digits, batch_size: 8}\nengine: {grad_accum: 2}\n",
+     "engine.grad_accum: is 2, but scaling.global_batch_size 64 / (data.batch_size 8 x scaling.num_workers 2) gives 4"),
+    ("scaling: {global_batch_size: 0}\n", "scaling.global_batch_size: expected >= 1"),
+])
+def test_pinned_global_batch_errors(tmp_path, text, expected):
+    path = write(tmp_path / "bad.yaml", text)
+    message = error_of(load_recipe, path)
+    assert message.startswith(str(path)) and expected in message, message

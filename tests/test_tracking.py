@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch

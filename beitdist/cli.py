@@ -240,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             _end_distributed_process(err.exit_code, sync=err.all_ranks)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"beitdist {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"beitdist {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return EXIT_FAILED
 
 

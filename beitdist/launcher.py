@@ -196,19 +196,24 @@ def root_cause(error: BaseException) -> BaseException:
     return cause
 
 
+def _checkpoint_note(recipe: Recipe) -> str:
+    """What a stopped run leaves to resume from, for the one line the user reads."""
+    from beitdist.run_checkpoints import complete_tags
+
+    checkpoints = recipe.run_dir / "checkpoints"
+    tags = complete_tags(checkpoints, quiet=True)
+    if not tags:
+        return "no checkpoint was written"
+    return f"the last complete checkpoint, {checkpoints / tags[0]}, is kept and launching the recipe again resumes from it"
+
+
 def _run_failed(recipe: Recipe, error: BaseException, max_failures: int) -> RunFailedError:
     cause = root_cause(error)
     lines = [line for line in str(cause).splitlines() if line.strip()]
     what = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
     restarts = "no restarts allowed" if max_failures == 0 else f"after {max_failures} restarts" if max_failures > 0 \
         else "restarts unlimited"
-    from beitdist.run_checkpoints import complete_tags
-
-    checkpoints = recipe.run_dir / "checkpoints"
-    tags = complete_tags(checkpoints)
-    kept = (f"the last complete checkpoint, {checkpoints / tags[0]}, is kept and launching the recipe again resumes "
-            "from it") if tags else "no checkpoint was written"
-    message = f"run {recipe.name!r} failed on its workers ({restarts}): {what}; {kept}"
+    message = f"run {recipe.name!r} failed on its workers ({restarts}): {what}; {_checkpoint_note(recipe)}"
     return RunFailedError(message, exit_code=2 if isinstance(cause, ValueError) else 1)
 
 
@@ -278,6 +283,10 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
             trainer.fit()
     except TrainingFailedError as err:
         raise _run_failed(recipe, err, scaling["max_failures"]) from None
+    except SystemExit:
+        # Ctrl-C during fit(): Ray Train's own SIGINT handler aborts the controller (the workers
+        # stop), then the blocked ray.get() turns the interrupt into SystemExit(1)
+        raise KeyboardInterrupt(_checkpoint_note(recipe)) from None
     result_file = recipe.run_dir / "train_result.json"
     if not result_file.exists():
         raise RuntimeError(f"the run finished without writing {result_file}")

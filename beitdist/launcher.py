@@ -276,7 +276,7 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=scaling["max_failures"])),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    from ray.train.v2.api.exceptions import TrainingFailedError
+    from ray.train import TrainingFailedError
 
     try:
         with ProgressBar(recipe.run_dir / "progress.json"):

@@ -134,7 +134,7 @@ def test_worker_failures_are_unwrapped_into_one_line_with_the_right_exit_code(tm
     """Ray wraps a worker's exception (WorkerGroupError -> RayTaskError(cause=...)); the CLI shows
     the worker's own error, exit 2 for bad input found by the workers, 1 for anything else."""
     from ray.exceptions import RayTaskError
-    from ray.train.v2.api.exceptions import WorkerGroupError
+    from ray.train import WorkerGroupError
 
     from beitdist.launcher import _run_failed, root_cause
     from beitdist.recipe import parse_recipe

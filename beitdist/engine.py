@@ -1,4 +1,9 @@
-"""DeepSpeed: config from the recipe, distributed set-up, engine construction.
+"""The engine section of the recipe, DeepSpeed's config, and the distributed set-up.
+
+Two training engines implement one interface (`beitdist.engines`): DeepSpeed (ZeRO 0-3, the
+default) and fairscale (`engine.backend: fairscale`; OSS + ShardedDataParallel, or
+FullyShardedDataParallel on GPUs). This module holds what both need (EngineConfig, DistInfo,
+init_distributed) and DeepSpeed's config.
 
 beitdist writes every DeepSpeed setting that changes results explicitly (gradient clipping above
 all: DeepSpeed >= 0.17 silently defaults it to 1.0), builds ZeRO-3 models under
@@ -36,9 +41,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+BACKENDS = ("deepspeed", "fairscale")
+FAIRSCALE_MODES = ("oss", "fsdp")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    kind: Literal["deepspeed"] = "deepspeed"
+    backend: Literal["deepspeed", "fairscale"] = "deepspeed"
+    """Training engine: deepspeed (ZeRO 0-3, offload) or fairscale (`pip install beitdist[fairscale]`;
+    for machines where DeepSpeed's JIT-built ops or pinned toolchains are not an option)."""
+    fairscale_mode: Literal["oss", "fsdp"] = "oss"
+    """fairscale only: oss (optimizer state sharded, gradients reduced to their owner: ZeRO-1/2
+    style; CPU and GPU) or fsdp (FullyShardedDataParallel, parameters sharded too: GPU only)."""
+    offload_activations: bool = False
+    """fairscale only, with activation_checkpointing: keep the checkpointed activations on CPU
+    (checkpoint_wrapper's offload_to_cpu)."""
     preset: str | None = None
     """Named setting: ddp, zero1, zero2, zero2_offload, zero3, zero3_offload (overrides the fields below)."""
     zero_stage: int = 0
@@ -59,13 +76,40 @@ class EngineConfig:
             check(self.preset in PRESETS, "preset", f"got {self.preset!r}; allowed: {', '.join(PRESETS)}")
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"expected 0, 1, 2 or 3, got {self.zero_stage}")
         check(self.grad_accum >= 1, "grad_accum", f"expected >= 1, got {self.grad_accum}")
+        check(self.backend in BACKENDS, "backend", f"got {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        check(self.fairscale_mode in FAIRSCALE_MODES, "fairscale_mode",
+              f"got {self.fairscale_mode!r}; allowed: {', '.join(FAIRSCALE_MODES)}")
+        check(not self.offload_activations or self.activation_checkpointing, "offload_activations",
+              "needs engine.activation_checkpointing: true (only checkpointed activations can be offloaded)")
+        if self.backend == "fairscale":
+            self._check_fairscale()
+        else:
+            check(self.fairscale_mode == "oss", "fairscale_mode",
+                  f"is {self.fairscale_mode!r}, but engine.backend is deepspeed; set engine.backend: fairscale")
+            check(not self.offload_activations, "offload_activations",
+                  "is a fairscale setting (checkpoint_wrapper), but engine.backend is deepspeed; set engine.backend: fairscale")
         check(not self.offload_params or self.resolved()["zero_stage"] == 3, "offload_params",
               "parameter offload needs ZeRO stage 3")
+
+    def _check_fairscale(self) -> None:
+        """DeepSpeed-only settings are refused rather than ignored: a run must not silently shard
+        (or offload) less than its recipe says."""
+        modes = "engine.fairscale_mode: oss (sharded optimizer state and gradients, like ZeRO-2) or fsdp (parameters too, like ZeRO-3)"
+        check(self.preset is None, "preset", f"is a DeepSpeed setting (got {self.preset!r}), but engine.backend is fairscale; use {modes}")
+        check(self.zero_stage == 0, "zero_stage",
+              f"is a DeepSpeed setting (got {self.zero_stage}), but engine.backend is fairscale; use {modes}")
+        for name in ("offload_optimizer", "offload_params"):
+            check(not getattr(self, name), name, "is a DeepSpeed setting, but engine.backend is fairscale; remove it")
+        check(not self.raw, "raw", "is DeepSpeed's config, but engine.backend is fairscale; remove it")
+        check(self.precision != "fp16", "precision",
+              "fp16 is not supported with engine.backend fairscale; use bf16 (autocast, fp32 master weights) or fp32")
 
     def resolved(self) -> dict[str, Any]:
         """zero_stage / offload_optimizer / offload_params after applying the preset."""
         values = {"zero_stage": self.zero_stage, "offload_optimizer": self.offload_optimizer,
                   "offload_params": self.offload_params}
+        if self.backend == "fairscale":  # the ZeRO stage with the same memory (for `beitdist plan`)
+            return {**values, "zero_stage": 2 if self.fairscale_mode == "oss" else 3}
         if self.preset is not None:
             values.update({"offload_optimizer": False, "offload_params": False}, **PRESETS[self.preset])
         return values
@@ -144,15 +188,20 @@ def device_for(dist_info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(dist_info: DistInfo) -> None:
-    """Join (or create) the process group: nccl on GPUs, gloo on CPU. DeepSpeed needs one even
-    for a single process, so a lone process gets a private group of one."""
-    import deepspeed
+def init_distributed(dist_info: DistInfo, backend: str = "deepspeed") -> None:
+    """Join (or create) the process group: nccl on GPUs, gloo on CPU. Both engines need one even
+    for a single process, so a lone process gets a private group of one. Only the deepspeed
+    backend imports DeepSpeed (its communication layer wraps the same torch process group)."""
+    if backend == "deepspeed":
+        import deepspeed
 
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        if dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+            _release_shm_buffer()
+            return
+    elif dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    comm = "nccl" if torch.cuda.is_available() else "gloo"
     port = dist_info.master_port or free_port()
     os.environ.update(
         RANK=str(dist_info.rank), WORLD_SIZE=str(dist_info.world_size), LOCAL_RANK=str(dist_info.local_rank),
@@ -161,13 +210,28 @@ def init_distributed(dist_info: DistInfo) -> None:
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for(dist_info))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if backend == "deepspeed":
+        deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False, verbose=False)
+        _release_shm_buffer()
+    else:
+        dist.init_process_group(comm, init_method="env://", rank=dist_info.rank, world_size=dist_info.world_size)
+
+
+def _release_shm_buffer() -> None:
+    """On CPU, DeepSpeed's shared-memory allreduce leaves its /dev/shm buffer behind after every
+    run (`beitdist.deepspeed_shm`); once every rank has mapped every buffer, unlink ours."""
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return
+    from beitdist.deepspeed_shm import release_buffer
+
+    dist.barrier()
+    release_buffer(dist.get_rank())
 
 
 @contextlib.contextmanager
 def model_construction(engine: EngineConfig, ds_config: dict[str, Any]) -> Iterator[None]:
     """Build the model inside this: under ZeRO-3 parameters are partitioned as they are created."""
-    if engine.stage == 3 and engine.zero_init:
+    if engine.backend == "deepspeed" and engine.stage == 3 and engine.zero_init:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if engine.resolved()["offload_params"] else None):

@@ -53,12 +53,18 @@ class LaunchPlan:
             f"workers        {self.world_size} x {device} (placement {_scaling(recipe)['placement_strategy']})",
             f"batch          {self.per_rank_batch} per rank x {self.grad_accum} accumulation x "
             f"{self.world_size} ranks = {self.global_batch} global",
-            f"engine         DeepSpeed ZeRO-{self.zero_stage}, {recipe.engine.precision}, {self.steps} steps",
+            f"engine         {_engine_name(recipe, self.zero_stage)}, {recipe.engine.precision}, {self.steps} steps",
             f"memory         ~{self.per_rank_gib:.1f} GiB per rank on the device, {self.host_gib:.1f} GiB host (offload)",
         ]
         if self.use_gpu:
             lines.append(f"needs          {self.world_size} GPUs with >= {self.per_rank_gib:.0f} GiB each")
         return "\n".join(lines)
+
+
+def _engine_name(recipe: Recipe, zero_stage: int) -> str:
+    if recipe.engine.backend == "fairscale":
+        return f"fairscale {recipe.engine.fairscale_mode} (memory like ZeRO-{zero_stage})"
+    return f"DeepSpeed ZeRO-{zero_stage}"
 
 
 def _scaling(recipe: Recipe) -> dict[str, Any]:

@@ -137,11 +137,23 @@ def apply_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule, step: i
     return lr
 
 
-def build_adamw(groups: list[dict[str, Any]], config: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """torch AdamW (or DeepSpeed's CPU Adam when the optimizer state is offloaded to CPU)."""
+def adamw_options(config: OptimConfig) -> dict[str, Any]:
+    """AdamW's defaults (each group's own lr and weight decay are set by `apply_schedule`)."""
+    return {"lr": config.lr, "betas": config.betas, "eps": config.eps}
+
+
+def build_adamw(groups: list[dict[str, Any]], config: OptimConfig, cpu_offload: bool = False,
+                sharded: bool = False) -> torch.optim.Optimizer:
+    """torch AdamW over the layer-decay groups, for every engine: plain (DeepSpeed takes it as its
+    client optimizer), DeepSpeed's CPU Adam when the optimizer state is offloaded to CPU, or
+    wrapped in fairscale's OSS when `sharded` (each rank keeps and steps its shard of the state)."""
     groups = optimizer_groups(groups)
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=config.lr, betas=config.betas, eps=config.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if sharded:
+        from fairscale.optim import OSS
+
+        return OSS(groups, optim=torch.optim.AdamW, **adamw_options(config))
+    return torch.optim.AdamW(groups, **adamw_options(config))

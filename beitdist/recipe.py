@@ -225,6 +225,9 @@ class Recipe:
         if scaling.use_gpu is False:
             check(engine.precision != "fp16", "engine.precision",
                   "fp16 needs GPUs (loss scaling on CUDA), but scaling.use_gpu is false; use bf16 or fp32")
+            check(not (engine.backend == "fairscale" and engine.fairscale_mode == "fsdp"), "engine.fairscale_mode",
+                  "fsdp needs GPUs (fairscale's FullyShardedDataParallel is GPU-only), but scaling.use_gpu is false; "
+                  "use engine.fairscale_mode: oss or engine.backend: deepspeed")
         if scaling.global_batch_size is not None:
             self._check_global_batch(scaling.num_workers, "scaling.num_workers")
             derived = scaling.global_batch_size // (self.data.batch_size * scaling.num_workers)

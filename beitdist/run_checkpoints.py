@@ -1,6 +1,7 @@
-"""A run's DeepSpeed checkpoint directory: `<run_dir>/checkpoints/step_N/`.
+"""A run's checkpoint directory: `<run_dir>/checkpoints/step_N/`.
 
-DeepSpeed's sharded format plus what DeepSpeed lacks: a manifest written after every rank finished
+Each engine writes its own files into step_N (DeepSpeed's sharded format, or fairscale's model
+file plus consolidated optimizer state); this module adds what neither engine has: a manifest written after every rank finished
 (files and sizes, so a truncated or half-written checkpoint is detected and skipped), an atomic
 `latest` pointer (a crash mid-save never leaves one that cannot be loaded), resume from the newest
 complete checkpoint with one warning for the broken ones it passed over, pruning that never leaves
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "beitdist_manifest.json"
 LATEST = "latest"
+FAIRSCALE_MODEL = "fairscale_model_states.pt"
+"""The full model state of a fairscale checkpoint (written by rank 0)."""
+FAIRSCALE_OPTIM = "fairscale_optim_states.pt"
+"""The optimizer state of a fairscale `oss` checkpoint, consolidated on rank 0."""
 TAG_PATTERN = re.compile(r"step_(\d+)")
 LOW_SPACE_BYTES = 1 << 20
 """A write failing without errno (torch's zip writer) with less free space than this, or than the
@@ -362,11 +367,20 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     return universal
 
 
+def checkpoint_backend(tag_dir: Path) -> str:
+    """The engine that wrote a checkpoint directory: "fairscale" or "deepspeed"."""
+    return "fairscale" if (Path(tag_dir) / FAIRSCALE_MODEL).exists() else "deepspeed"
+
+
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model from a sharded checkpoint (any ZeRO stage)."""
+    """fp32 weights of the whole model from a checkpoint of either engine (any ZeRO stage, or a
+    fairscale checkpoint, whose model file already holds the full weights)."""
+    tag_dir = Path(ckpt_dir) / tag
+    if checkpoint_backend(tag_dir) == "fairscale":
+        module = torch.load(tag_dir / FAIRSCALE_MODEL, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = Path(ckpt_dir) / tag
     if any(tag_dir.glob("*optim_states.pt")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         # buffers (BatchNorm statistics) are kept in the model-states file

@@ -1,8 +1,9 @@
 """The per-worker training loop: the same code under Ray, torchrun, or a single plain process.
 
 recipe -> plugins resolved by name in this process -> data loaders -> model (under zero.Init for
-ZeRO-3) -> DeepSpeed engine -> resume from the newest complete checkpoint -> steps, evaluations,
-checkpoints -> final fp32 weights consolidated into a beitdist checkpoint.
+ZeRO-3) -> training engine (DeepSpeed or fairscale, `beitdist.engines`, chosen by engine.backend)
+-> resume from the newest complete checkpoint -> steps, evaluations, checkpoints -> final fp32
+weights consolidated into a beitdist checkpoint.
 
 Randomness is a function of (seed, step, rank) for the model (drop path) and of (seed, epoch,
 sample index) for the data, so a run resumed at step k replays exactly what an uninterrupted run
@@ -28,12 +29,13 @@ import torch.distributed as dist
 from beitdist import engine as eng
 from beitdist import run_checkpoints as ckpts
 from beitdist import plugins
-from beitdist.checkpoint import load_model, save_checkpoint
+from beitdist.checkpoint import CheckpointError, load_model, save_checkpoint
 from beitdist.data.pipeline import build_loaders
+from beitdist.engines import check_engine_available, create_engine
 from beitdist.errors import RunFailedError
 from beitdist.events import TrainContext
 from beitdist.model import BeitForTask, ModelOutput, build_model
-from beitdist.optim import Schedule, apply_schedule, build_adamw, param_groups
+from beitdist.optim import Schedule, apply_schedule, param_groups
 from beitdist.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         recipe = self.recipe
-        eng.init_distributed(self.dist_info)
+        check_engine_available(recipe.engine)  # before joining the group: one clear line, no hang
+        eng.init_distributed(self.dist_info, recipe.engine.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.recipe = recipe = recipe.at_world_size(self.world)  # grad_accum for a pinned global batch
         if self.rank == 0 and recipe.scaling.global_batch_size:
@@ -100,9 +103,10 @@ class Trainer:
                      recipe.data.batch_size, recipe.engine.grad_accum, self.world)
         self.device = eng.device_for(self.dist_info)
         _seed_everything(recipe.seed, 0, self.rank)
+        self.engine = create_engine(recipe.engine, recipe.optim, recipe.data.batch_size, self.world, self.device)
         backbone = recipe.model.backbone_config()
-        if recipe.engine.activation_checkpointing:
-            backbone = backbone.replace(grad_checkpointing=True)
+        if recipe.engine.activation_checkpointing and recipe.engine.backend == "deepspeed":
+            backbone = backbone.replace(grad_checkpointing=True)  # fairscale wraps blocks in checkpoint_wrapper
         self.tokenizer = None
         if recipe.tokenizer.name is not None:
             tok_cls = plugins.tokenizer_class(recipe.tokenizer.name)
@@ -112,22 +116,15 @@ class Trainer:
             rank=self.rank, world_size=self.world, seed=recipe.seed,
             tokenizer_input_size=getattr(self.tokenizer, "input_size", None),
         )
-        self.resume_tag, universal = self._resume_tag()
-        ds_config = eng.deepspeed_config(recipe.engine, recipe.optim, recipe.data.batch_size, self.world)
-        if universal:
-            ds_config["checkpoint"] = {"load_universal": True}
+        self.resume_tag = self._resume_tag()
         _seed_everything(recipe.seed, 0, rank=0)  # the same initial weights on every rank (ZeRO-3 shards them)
-        with eng.model_construction(recipe.engine, ds_config):
+        with self.engine.model_construction():
             model = build_model(backbone, recipe.head.name, recipe.head.options)
         if recipe.model.init and self.resume_tag is None:
             self._init_weights(model)
-        groups = param_groups(model, recipe.optim)
-        optimizer = build_adamw(groups, recipe.optim, cpu_offload=recipe.engine.resolved()["offload_optimizer"])
-        import deepspeed
-
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine.build(model, param_groups(model, recipe.optim))  # one group builder for every engine
+        self.optimizer = self.engine.optimizer
         self.module: BeitForTask = self.engine.module
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.engine.precision, torch.float32)
         self.schedule = Schedule(recipe.optim, recipe.train.steps)
         self.step, self.loader_state = 0, None
         if self.resume_tag is not None:
@@ -135,11 +132,12 @@ class Trainer:
         self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
                                     extras={"resumed_step": self.step})
 
-    def _resume_tag(self) -> tuple[str | None, bool]:
-        """The newest complete checkpoint, and whether it must be loaded as a universal one.
-        Newer checkpoints that are broken (truncated or missing files, deleted directory) are
-        passed over with one warning that names them and why. Rank 0 decides for every rank, so
-        ranks that see a shared file system at different moments cannot resume different steps."""
+    def _resume_tag(self) -> str | None:
+        """The newest complete checkpoint, as the engine loads it (DeepSpeed converts one saved at
+        another world size to a universal checkpoint). Newer checkpoints that are broken
+        (truncated or missing files, deleted directory) are passed over with one warning that
+        names them and why. Rank 0 decides for every rank, so ranks that see a shared file system
+        at different moments cannot resume different steps."""
         point = ckpts.resume_point(self.ckpt_dir)
         if self.rank == 0 and point.warning() is not None:
             log.warning("%s", point.warning())
@@ -147,16 +145,14 @@ class Trainer:
         dist.broadcast_object_list(choice, src=0)
         tag = choice[0]
         if tag is None:
-            return None, False
-        saved = ckpts.saved_world_size(self.ckpt_dir / tag)
-        if saved == self.world:
-            return tag, False
-        log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
-                 tag, saved, self.world)
-        if self.rank == 0:
-            ckpts.to_universal(self.ckpt_dir, tag)
-        dist.barrier()
-        return f"{tag}_universal", True
+            return None
+        written_by, backend = ckpts.checkpoint_backend(self.ckpt_dir / tag), self.recipe.engine.backend
+        if written_by != backend:
+            raise CheckpointError(
+                f"{self.ckpt_dir / tag}: written by the {written_by} engine, but engine.backend is {backend}; resume "
+                f"with engine.backend: {written_by}, or start a new run (another name or output_dir) with "
+                f"model.init: {self.run_dir} (its consolidated weights)")
+        return self.engine.resume_tag(self.ckpt_dir, tag, ckpts.saved_world_size(self.ckpt_dir / tag))
 
     def _init_weights(self, model: BeitForTask) -> None:
         recipe = self.recipe
@@ -166,25 +162,11 @@ class Trainer:
                                 trust_pickle=recipe.model.trust_pickle, **recipe.model.backbone_config().to_dict())
             state = source.state_dict()
             log.info("initialised weights from %s", recipe.model.init)
-        eng.load_weights_into(model, state)
+        self.engine.load_weights(model, state)
 
     def _load(self, tag: str) -> None:
-        """Load checkpoint `tag`, mending two things DeepSpeed's universal-checkpoint loader for
-        ZeRO-3 (0.19) gets wrong after a world-size change: it copies the hyperparameters of
-        param group 0 into every group (erasing layer-wise lr decay and the no-weight-decay
-        groups), and it gives every parameter sub-group the SAME `step` tensor, which AdamW then
-        increments once per sub-group per optimizer step (wrong bias correction from the first
-        step on). Put back the groups' own settings (the recipe defines them) and one `step`
-        per state."""
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        if tag.endswith("_universal"):
-            for group, own in zip(self.optimizer.param_groups, groups, strict=True):
-                group.update(own)
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            for state in inner.state.values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
+        """Engine state (model, optimizer) from checkpoint `tag`, then the loop's own state."""
+        self.engine.load(self.ckpt_dir, tag)
         state = json.loads((self.ckpt_dir / tag.removesuffix("_universal") / STATE_FILE).read_text())
         self.step, self.loader_state = state["step"], state["loader"]
         log.info("resumed from %s at step %d", tag, self.step)
@@ -206,8 +188,7 @@ class Trainer:
         return batch
 
     def _forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:
-        pixels = batch["pixel_values"].to(self.dtype)
-        return self.engine(pixels, batch.get("bool_masked_pos"))
+        return self.engine.forward(batch["pixel_values"], batch.get("bool_masked_pos"))
 
     # ------------------------------------------------------------------- loop
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -221,6 +202,7 @@ class Trainer:
         _seed_everything(self.recipe.seed, self.step, self.rank)
         accum = self.recipe.engine.grad_accum
         done, bad, losses, images, start = 0, 0, [], 0, time.perf_counter()
+        grad_norm = None
         while done < accum:
             batch = self._prepare(next(batches))
             if self.rank == 0 and "sample_batch" not in self.context.extras:
@@ -239,26 +221,17 @@ class Trainer:
             self.engine.backward(loss)
             if done == accum - 1:
                 lr = apply_schedule(self.optimizer, self.schedule, self.step)
-                own_norm = self._grad_norm() if self.recipe.engine.stage == 0 else None
-            self.engine.step()
+            norm = self.engine.step()  # the optimizer steps at the last micro-batch
+            if norm is not None:
+                grad_norm = norm
             losses.append(loss.item())
             images += batch["pixel_values"].shape[0]
             done += 1
         self.step += 1
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = own_norm
         loss_value = float(np.mean(losses))
         self.losses.append(loss_value)
         return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                 "images_per_s": images / (time.perf_counter() - start)}
-
-    def _grad_norm(self) -> float | None:
-        """Global gradient norm before clipping, for engines that do not report one (ZeRO 0 fp32)."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def evaluate(self) -> dict[str, float]:
         from beitdist.heads.segmentation_eval import slide_inference
@@ -316,7 +289,7 @@ class Trainer:
             if self.rank == 0:
                 ckpts.discard_checkpoint(self.ckpt_dir, tag)  # a leftover from a crashed save of this step
             dist.barrier()
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step}, save_latest=False)
+            self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step})
             if self.rank == 0:
                 state = {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
                          "recipe": self.recipe.to_dict()}

@@ -297,6 +297,8 @@ def test_set_override_with_a_wrong_type_names_the_field_and_the_override():
     ("scaling: {num_workers: 4}\ndata: {dataset: digits, batch_size: 8}\nengine: {raw: {train_batch_size: 64}}\n",
      "engine.raw.train_batch_size: is 64, but the recipe implies 32"),
     ("tracking: {experiment: ''}\n", "tracking.experiment: expected a non-empty experiment name"),
+    ("scaling: {use_gpu: false}\nengine: {backend: fairscale, fairscale_mode: fsdp}\n",
+     "engine.fairscale_mode: fsdp needs GPUs (fairscale's FullyShardedDataParallel is GPU-only)"),
     ("tracking: {enabled: yes please}\n", "tracking.enabled: got 'yes please'"),
     ("optim: {lr: 1" + "0" * 400 + "}\n", "optim.lr: number out of range"),
 ])

@@ -7,6 +7,7 @@ Each run is a real `beitdist train` process tree; results are read from the run 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,12 @@ from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
 pytestmark = pytest.mark.slow
 
 
+def _deepspeed_shm_buffers() -> set[str]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm (beitdist unlinks them after start-up)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
 def final_weights(recipe, tmp_path):
     return load_file(str(tmp_path / "runs" / recipe["name"] / "final" / "model.safetensors"))
 
@@ -24,10 +31,12 @@ def final_weights(recipe, tmp_path):
 def test_zero_stages_give_the_same_training(tmp_path):
     base = merge(TINY_RECIPE, {"train": {"steps": 30}, "optim": {"lr": 5e-3}, "data": {"batch_size": 32}})
     runs = {}
+    shm_before = _deepspeed_shm_buffers()
     for stage in (0, 1, 2, 3):
         recipe = merge(base, {"name": f"zero{stage}", "engine": {"zero_stage": stage}})
         run_recipe(recipe, tmp_path)
         runs[stage] = (recipe, result_of(recipe, tmp_path))
+    assert _deepspeed_shm_buffers() <= shm_before, "DeepSpeed's /dev/shm allreduce buffers were left behind"
     reference_recipe, reference = runs[0]
     losses = reference["losses"]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.03, losses

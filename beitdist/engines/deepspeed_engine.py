@@ -1,0 +1,113 @@
+"""DeepSpeed (ZeRO 0-3, offload) behind the TrainEngine interface.
+
+The config comes from `beitdist.engine.deepspeed_config`; beitdist's own AdamW (layer-decay groups)
+is the client optimizer. Checkpoints are DeepSpeed's sharded format; a resume at another world size
+goes through DeepSpeed's universal checkpoint (converted once, by rank 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from beitdist import engine as eng
+from beitdist import run_checkpoints as ckpts
+from beitdist.engines.base import TrainEngine
+from beitdist.optim import build_adamw
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedEngine(TrainEngine):
+    name = "deepspeed"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ds_config = eng.deepspeed_config(self.config, self.optim, self.micro_batch, self.world_size)
+
+    # ------------------------------------------------------------------ set-up
+    def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int) -> str:
+        """DeepSpeed cannot re-partition ZeRO state for another world size directly: convert the
+        checkpoint to the universal format (rank 0, once) and load that."""
+        if saved_world_size == self.world_size:
+            return tag
+        log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
+                 tag, saved_world_size, self.world_size)
+        if dist.get_rank() == 0:
+            ckpts.to_universal(ckpt_dir, tag)
+        dist.barrier()
+        self.ds_config["checkpoint"] = {"load_universal": True}
+        return f"{tag}_universal"
+
+    @contextlib.contextmanager
+    def model_construction(self) -> Iterator[None]:
+        with eng.model_construction(self.config, self.ds_config):
+            yield
+
+    def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        eng.load_weights_into(model, state)
+
+    def build(self, model: nn.Module, groups: list[dict[str, Any]]) -> None:
+        import deepspeed
+
+        optimizer = build_adamw(groups, self.optim, cpu_offload=self.config.resolved()["offload_optimizer"])
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.module = self.engine.module
+
+    # -------------------------------------------------------------------- loop
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> Any:
+        return self.engine(pixel_values.to(self.dtype), bool_masked_pos)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        own = self._grad_norm() if boundary and self.config.stage == 0 else None
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return own if norm is None else float(norm)
+
+    def _grad_norm(self) -> float | None:
+        """Global gradient norm before clipping, where DeepSpeed reports none (ZeRO 0 fp32)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    # ------------------------------------------------------------- checkpoints
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: Path, tag: str) -> None:
+        """Load checkpoint `tag`, mending two things DeepSpeed's universal-checkpoint loader for
+        ZeRO-3 (0.19) gets wrong after a world-size change: it copies the hyperparameters of
+        param group 0 into every group (erasing layer-wise lr decay and the no-weight-decay
+        groups), and it gives every parameter sub-group the SAME `step` tensor, which AdamW then
+        increments once per sub-group per optimizer step (wrong bias correction from the first
+        step on). Put back the groups' own settings (the recipe defines them) and one `step`
+        per state."""
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if tag.endswith("_universal"):
+            for group, own in zip(self.optimizer.param_groups, groups, strict=True):
+                group.update(own)
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()

@@ -1,0 +1,54 @@
+"""Smoke run of experiments/mim_vs_scratch/run.py: a few steps of every phase (tokenizer fit, MIM
+pretraining, fine-tuning from it and from scratch), one seed, so the experiment cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "mim_vs_scratch" / "run.py"
+
+
+@pytest.mark.slow
+def test_mim_vs_scratch_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--label-fractions", "0.1", "--out", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+    summary = json.loads((out / "results.json").read_text())
+    rows = {row["arm"]: row for row in summary["rows"]}
+    assert set(rows) == {"pretrained", "scratch"}
+    for row in rows.values():
+        assert row["label_fraction"] == 0.1 and row["train_images"] == 143
+        assert 0.0 <= row["val_top1_mean"] <= 1.0 and row["val_top1_std"] == 0.0  # one seed
+        assert list(row["per_seed"]) == ["0"]
+    for arm in ("pretrained", "scratch"):  # the validation curve of each arm, read back from MLflow
+        steps = [step for step, _ in summary["curves"][f"{arm}_f0.1"]["0"]]
+        assert steps == [2, 4]
+        assert all(0.0 <= value <= 1.0 for _, value in summary["curves"][f"{arm}_f0.1"]["0"])
+    mim = summary["pretrain"]["0"]["val_mim_accuracy"]
+    assert 0.0 <= mim <= 1.0
+
+    # the pretrained arm really started from the pretraining's weights, the scratch arm did not
+    logs = {arm: (out / "runs" / f"{arm}_f0.1_s0.log").read_text() for arm in ("pretrained", "scratch")}
+    assert f"initialised weights from {out / 'runs' / 'pretrain_s0' / 'final'}" in logs["pretrained"]
+    assert "initialised weights from" not in logs["scratch"]
+
+    table = (out / "results.md").read_text()
+    assert "| pretrained |" in table and "| scratch |" in table and "10% (143)" in table
+    png = out / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    logged = {p.name for p in (out / "mlartifacts").rglob("*") if p.is_file()}
+    assert {"results.md", "results.json", "curves.png"} <= logged

@@ -177,14 +177,14 @@ def _record_worker(run_dir: Path, rank: int) -> None:
     operator needs to find a rank's logs or to kill a stuck one."""
     import ray
 
-    from beitdist.run_checkpoints import _write_atomic
+    from beitdist.run_checkpoints import write_atomic
 
     context = ray.get_runtime_context()
     record = {"rank": rank, "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
               "hostname": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     folder = Path(run_dir) / WORKERS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / f"rank_{rank}.json", json.dumps(record))
+    write_atomic(folder / f"rank_{rank}.json", json.dumps(record))
 
 
 def root_cause(error: BaseException) -> BaseException:

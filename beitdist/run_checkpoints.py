@@ -68,7 +68,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
     """Replace `path` with `text` so that readers (and a crash) see the old content or the new,
     never a mix; when the write fails (disk full) the temporary file is removed and the old
     content stays as it was. `durable=False` skips the fsyncs, for files rewritten every second
@@ -116,8 +116,8 @@ def commit_checkpoint(ckpt_dir: Path, tag: str, world_size: int) -> None:
             files[str(path.relative_to(tag_dir))] = path.stat().st_size
     _fsync_dir(tag_dir)
     manifest = {"tag": tag, "files": files, "world_size": world_size}
-    _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-    _write_atomic(ckpt_dir / LATEST, tag)
+    write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(ckpt_dir / LATEST, tag)
 
 
 def finish_checkpoint(ckpt_dir: Path, tag: str) -> Path:
@@ -245,7 +245,7 @@ def _repoint_latest(ckpt_dir: Path, scan: CheckpointScan | None = None) -> str |
     if target is None:
         (Path(ckpt_dir) / LATEST).unlink(missing_ok=True)
     elif scan.latest != target:
-        _write_atomic(Path(ckpt_dir) / LATEST, target)
+        write_atomic(Path(ckpt_dir) / LATEST, target)
     return target
 
 
@@ -363,7 +363,7 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
         if result.returncode != 0:
             raise RuntimeError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{result.stderr[-2000:]}")
         os.replace(tmp, ckpt_dir / universal)
-    _write_atomic(ckpt_dir / "latest_universal", universal)
+    write_atomic(ckpt_dir / "latest_universal", universal)
     return universal
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from beitdist.hookspecs import hookimpl
+from beitdist.run_checkpoints import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Tracker:
         if run is None:
             run = self.client.create_run(experiment_id, run_name=self.context.run_name,
                                          tags={"beitdist.run_dir": str(run_dir.resolve())})
-            _write_atomic(run_dir / RUN_ID_FILE, run.info.run_id)
+            write_atomic(run_dir / RUN_ID_FILE, run.info.run_id)
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
@@ -224,12 +225,6 @@ class Tracker:
                 for name, image in images.items():
                     image.save(Path(tmp) / name)
                 self.guarded(lambda: self.client.log_artifacts(self.run_id, tmp, "pictures"))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ pictures

@@ -293,7 +293,7 @@ class Trainer:
             if self.rank == 0:
                 state = {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
                          "recipe": self.recipe.to_dict()}
-                ckpts._write_atomic(path / STATE_FILE, json.dumps(state, indent=1, default=str))
+                ckpts.write_atomic(path / STATE_FILE, json.dumps(state, indent=1, default=str))
             ckpts.finish_checkpoint(self.ckpt_dir, tag)
         except (OSError, RuntimeError) as err:
             if ckpts.is_committed(self.ckpt_dir, tag):
@@ -336,7 +336,7 @@ class Trainer:
         self._progress_at = now
         try:  # what a progress bar shows is not worth a run: a full disk is reported by the next save
             self.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint it may not exist yet
-            ckpts._write_atomic(self.run_dir / PROGRESS_FILE, json.dumps(progress), durable=False)
+            ckpts.write_atomic(self.run_dir / PROGRESS_FILE, json.dumps(progress), durable=False)
         except OSError as err:
             log.debug("could not write %s: %s", self.run_dir / PROGRESS_FILE, err)
 
@@ -378,7 +378,7 @@ class Trainer:
         if self.rank == 0:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
                        "final_dir": str(final_dir) if final_dir else None, "world_size": self.world}
-            ckpts._write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
+            ckpts.write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)
         dist.barrier()

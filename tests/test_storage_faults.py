@@ -158,7 +158,7 @@ def test_atomic_write_that_fails_keeps_old_content_and_leaves_no_temp_file(tmp_p
 
     monkeypatch.setattr(ckpts.os, "fsync", no_space)
     with pytest.raises(OSError, match="No space left on device"):
-        ckpts._write_atomic(target, "step_6")
+        ckpts.write_atomic(target, "step_6")
     assert target.read_text() == "step_3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 

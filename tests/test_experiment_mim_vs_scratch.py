@@ -38,8 +38,10 @@ def test_mim_vs_scratch_smoke(tmp_path: Path) -> None:
         steps = [step for step, _ in summary["curves"][f"{arm}_f0.1"]["0"]]
         assert steps == [2, 4]
         assert all(0.0 <= value <= 1.0 for _, value in summary["curves"][f"{arm}_f0.1"]["0"])
-    mim = summary["pretrain"]["0"]["val_mim_accuracy"]
-    assert 0.0 <= mim <= 1.0
+    pretrain = summary["pretrain"]["0"]
+    assert 0.0 <= pretrain["val_mim_accuracy"] <= 1.0 and [s for s, _ in pretrain["curve"]] == [2, 4]
+    prior = pretrain["position_prior"]  # the trivial MIM baseline, on the same masked patches
+    assert 0.0 <= prior["val_mim_accuracy"] <= 1.0 and prior["val_loss"] > 0
 
     # the pretrained arm really started from the pretraining's weights, the scratch arm did not
     logs = {arm: (out / "runs" / f"{arm}_f0.1_s0.log").read_text() for arm in ("pretrained", "scratch")}
@@ -48,6 +50,7 @@ def test_mim_vs_scratch_smoke(tmp_path: Path) -> None:
 
     table = (out / "results.md").read_text()
     assert "| pretrained |" in table and "| scratch |" in table and "10% (143)" in table
+    assert "from its grid position alone" in table
     png = out / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     logged = {p.name for p in (out / "mlartifacts").rglob("*") if p.is_file()}

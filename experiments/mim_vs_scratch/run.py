@@ -1,0 +1,437 @@
+"""BEiT's central claim in miniature: MIM pretraining on unlabelled images, then fine-tuning, against
+the same fine-tuning from random weights, with the same labelled budget, steps and hyperparameters.
+
+    nice -n 10 python experiments/mim_vs_scratch/run.py --seeds 0 1 2 --label-fractions 0.1 1.0 \
+        --out runs/mim_vs_scratch
+
+Everything runs through beitdist's own command line (`beitdist tokenizer fit`, `beitdist train`), one
+process per run, `--jobs` runs side by side:
+
+1. the digits TRAINING split (1,438 of scikit-learn's 1,797 8x8 digits; the 359 validation images
+   are held out of every step) is written as PNG files and `beitdist tokenizer fit` clusters their
+   8x8-pixel patches (at 32 px) into a k-means codebook: the visual tokens;
+2. per seed, `pretrain.yaml`: BEiT masked image modeling of the tiny backbone on those images,
+   labels unused;
+3. per seed and label fraction, `finetune.yaml` from the seed's pretrained weights (`model.init`);
+4. the same `finetune.yaml` from random weights: identical steps, schedule and hyperparameters.
+
+Outputs in --out: `results.md` (table: validation top-1 at the last step, mean +- sample std over
+seeds, per arm and fraction), `results.json` (every number, per-seed curves), `curves.png`
+(validation top-1 during fine-tuning, mean +- std band), all three also logged as artifacts of an
+MLflow run "summary" in the experiment `mim_vs_scratch` of `sqlite:///<out>/mlflow.db`. Each
+training run keeps its own MLflow store in `<out>/runs/<name>/mlflow.db`; the curves are read
+from there. A finished run (its `train_result.json` reached the requested step) is not run again,
+so an interrupted experiment continues where it stopped; use a new --out for a new configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PRETRAIN_RECIPE = HERE / "pretrain.yaml"
+FINETUNE_RECIPE = HERE / "finetune.yaml"
+ARMS = ("pretrained", "scratch")
+IMAGE_SIZE, PATCH_SIZE = 32, 8  # the recipes' backbone: a 4 x 4 patch grid
+SPLIT = {"val_fraction": 0.2, "seed": 0}  # finetune.yaml's data.options (the same split everywhere)
+
+# A few steps of everything: checks the pipeline end to end (tests/test_experiment_mim_vs_scratch.py)
+SMOKE = {"pretrain_steps": 4, "finetune_steps": 4, "eval_every": 2, "vocab_size": 16, "kmeans_iters": 3}
+
+
+@dataclass
+class Run:
+    name: str
+    recipe: Path
+    sets: list[str]
+    steps: int
+    arm: str  # "pretrain" | "pretrained" | "scratch"
+    seed: int
+    fraction: float | None = None
+    after: str | None = None  # name of the run that must finish first
+    seconds: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def child_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:
+        pass
+    return env
+
+
+def beitdist(args: Sequence[str], log_file: Path, env: dict[str, str]) -> float:
+    """`python -m beitdist ARGS` with its output in log_file; seconds taken. Raises on failure."""
+    cmd = [sys.executable, "-m", "beitdist", *args]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log_file.read_text().splitlines()[-25:]
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}; log {log_file}:\n" + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def export_train_images(out: Path) -> int:
+    """The digits training split as 8x8 RGB PNGs, exactly as the `digits` dataset plugin decodes them."""
+    import numpy as np
+    from PIL import Image
+
+    from beitdist.data.datasets import _load_digits, stratified_split
+
+    data = _load_digits()
+    train, _ = stratified_split(data.target, SPLIT["val_fraction"], SPLIT["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    for i in train:
+        grey = np.round(data.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(out / f"{int(i):04d}.png")
+    return len(train)
+
+
+def finished(run: Run, runs_dir: Path) -> dict[str, Any] | None:
+    path = runs_dir / run.name / "train_result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("step") == run.steps and result.get("final_dir") else None
+
+
+def plan_runs(args: argparse.Namespace, runs_dir: Path, codebook: Path) -> list[Run]:
+    common = [f"output_dir={runs_dir}"]
+    if args.eval_every:
+        common.append(f"train.eval_every={args.eval_every}")
+    runs: list[Run] = []
+    for seed in args.seeds:
+        pre = f"pretrain_s{seed}"
+        runs.append(Run(pre, PRETRAIN_RECIPE, common + [
+            f"name={pre}", f"seed={seed}", f"tokenizer.options.path={codebook}",
+            f"head.options.vocab_size={args.vocab_size}", f"train.steps={args.pretrain_steps}",
+            f"data.mask_ratio={args.mask_ratio}", *args.set_pretrain], args.pretrain_steps, "pretrain", seed))
+    for seed in args.seeds:
+        for fraction in args.label_fractions:
+            for arm in ARMS:
+                name = f"{arm}_f{fraction:g}_s{seed}"
+                init = str(runs_dir / f"pretrain_s{seed}" / "final") if arm == "pretrained" else "null"
+                runs.append(Run(name, FINETUNE_RECIPE, common + [
+                    f"name={name}", f"seed={seed}", f"model.init={init}",
+                    f"data.options.train_fraction={fraction}", f"train.steps={args.finetune_steps}",
+                    *args.set_finetune], args.finetune_steps, arm, seed, fraction,
+                    after=f"pretrain_s{seed}" if arm == "pretrained" else None))
+    return runs
+
+
+def execute(runs: list[Run], runs_dir: Path, jobs: int, env: dict[str, str]) -> None:
+    """Pretraining runs first (FIFO), fine-tunes from pretrained weights wait for theirs."""
+    futures: dict[str, Future] = {}
+    lock = threading.Lock()
+    done = [0]
+
+    def one(run: Run) -> Run:
+        if run.after is not None:
+            futures[run.after].result()  # raises if the pretraining failed
+        previous = finished(run, runs_dir)
+        if previous is None:
+            args = ["-v", "train", str(run.recipe)]
+            for item in run.sets:
+                args += ["--set", item]
+            run.seconds = beitdist(args, runs_dir / f"{run.name}.log", env)
+            previous = finished(run, runs_dir)
+            if previous is None:
+                raise RuntimeError(f"{run.name}: no complete train_result.json after the run")
+            (runs_dir / f"{run.name}.seconds").write_text(f"{run.seconds:.1f}\n")
+            how = f"{run.seconds:.0f} s"
+        else:  # finished by an earlier invocation: keep the time it took then
+            timing = runs_dir / f"{run.name}.seconds"
+            run.seconds = float(timing.read_text()) if timing.is_file() else 0.0
+            how = "done before"
+        run.result = previous
+        with lock:
+            done[0] += 1
+            top1 = previous["metrics"].get("val_top1", previous["metrics"].get("val_mim_accuracy", math.nan))
+            print(f"[{done[0]}/{len(runs)}] {run.name}: {how}, "
+                  f"final {'val_top1' if run.arm != 'pretrain' else 'val_mim_accuracy'} {top1:.4f}", flush=True)
+        return run
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for run in runs:  # submitted in order: every pretraining is dequeued before its fine-tunes
+            futures[run.name] = pool.submit(one, run)
+        for future in futures.values():
+            future.result()
+
+
+def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of metric `key` from the run's own MLflow store (beitdist's tracking callback)."""
+    from mlflow import MlflowClient
+
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    points = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    return sorted(points.items())
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[Run], runs_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    curves: dict[str, dict[str, Any]] = {}
+    for fraction in args.label_fractions:
+        for arm in ARMS:
+            group = [r for r in runs if r.arm == arm and r.fraction == fraction]
+            finals = [float(r.result["metrics"]["val_top1"]) for r in group]
+            mean, std = mean_std(finals)
+            rows.append({"label_fraction": fraction, "arm": arm, "val_top1_mean": mean, "val_top1_std": std,
+                         "per_seed": {r.seed: v for r, v in zip(group, finals)},
+                         "train_images": labelled_count(fraction)})
+            curves[f"{arm}_f{fraction:g}"] = {str(r.seed): curve(runs_dir / r.name, "val_top1") for r in group}
+    pretrain = {str(r.seed): {"val_mim_accuracy": r.result["metrics"].get("val_mim_accuracy"),
+                              "val_loss": r.result["metrics"].get("val_loss"),
+                              "curve": curve(runs_dir / r.name, "val_mim_accuracy"),
+                              "position_prior": position_prior(r)}
+                for r in runs if r.arm == "pretrain"}
+    return {"rows": rows, "curves": curves, "pretrain": pretrain,
+            "seconds": {r.name: round(r.seconds, 1) for r in runs}}
+
+
+def position_prior(run: Run) -> dict[str, float]:
+    """The trivial MIM baseline for pretraining run `run`: predict each masked patch's token from its
+    POSITION alone (token frequencies per grid position over one epoch of the run's own training
+    views), scored on exactly the validation batches, masks and tokens the run is evaluated on.
+    A masked-token accuracy (or loss) no better than this means the model has not yet learnt to
+    use the visible patches. Uses beitdist's data pipeline and tokenizer, not a re-implementation."""
+    import torch
+
+    from beitdist import plugins
+    from beitdist.data.pipeline import build_loaders
+    from beitdist.recipe import load_recipe
+
+    recipe = load_recipe(run.recipe, run.sets)
+    backbone = recipe.model.backbone_config()
+    tokenizer = plugins.tokenizer_class(recipe.tokenizer.name)(recipe.tokenizer.options).eval()
+    train, val = build_loaders(recipe.data, "mim", backbone.image_size[0], backbone.patch_size, seed=recipe.seed,
+                               tokenizer_input_size=tokenizer.input_size)
+    vocab = recipe.head_options().vocab_size
+    counts = None
+    with torch.no_grad():
+        for batch in train:
+            ids = tokenizer.encode(batch["tokenizer_pixels"])  # (B, N)
+            one_hot = torch.nn.functional.one_hot(ids, vocab).sum(0).double()  # (N, vocab)
+            counts = one_hot if counts is None else counts + one_hot
+        log_p = ((counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)).log()  # add-1/2 smoothing
+        correct = loss = total = 0.0
+        for batch in val:
+            ids, mask = tokenizer.encode(batch["tokenizer_pixels"]), batch["bool_masked_pos"].bool()
+            positions = torch.arange(ids.shape[1]).expand_as(ids)[mask]
+            correct += float((log_p.argmax(-1)[positions] == ids[mask]).sum())
+            loss -= float(log_p[positions, ids[mask]].sum())
+            total += int(mask.sum())
+    return {"val_mim_accuracy": correct / total, "val_loss": loss / total}
+
+
+def labelled_count(fraction: float) -> int:
+    from beitdist.data.datasets import _load_digits, stratified_split
+
+    data = _load_digits()
+    return len(stratified_split(data.target, SPLIT["val_fraction"], SPLIT["seed"], fraction)[0])
+
+
+def write_table(summary: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    lines = [
+        f"Validation top-1 on the 359 held-out digits after {args.finetune_steps} fine-tuning steps "
+        f"(mean +- sample std over seeds {', '.join(map(str, args.seeds))}; MIM pretraining: "
+        f"{args.pretrain_steps} steps, codebook of {args.vocab_size} tokens, mask ratio {args.mask_ratio:g}).",
+        "",
+        "| labelled images | arm | val top-1 (mean +- std) | per seed | pretrained - scratch |",
+        "|---|---|---|---|---|",
+    ]
+    by_key = {(r["label_fraction"], r["arm"]): r for r in summary["rows"]}
+    for fraction in args.label_fractions:
+        gain = by_key[(fraction, "pretrained")]["val_top1_mean"] - by_key[(fraction, "scratch")]["val_top1_mean"]
+        for arm in ARMS:
+            row = by_key[(fraction, arm)]
+            seeds = ", ".join(f"{v:.3f}" for v in row["per_seed"].values())
+            lines.append(f"| {fraction:.0%} ({row['train_images']}) | {arm} | "
+                         f"{row['val_top1_mean']:.3f} +- {row['val_top1_std']:.3f} | {seeds} | "
+                         f"{f'{gain:+.3f}' if arm == 'pretrained' else ''} |")
+    pre = [v for v in summary["pretrain"].values() if v["val_mim_accuracy"] is not None]
+    if pre:
+        (m, s), (lm, ls) = (mean_std([v["val_mim_accuracy"] for v in pre]), mean_std([v["val_loss"] for v in pre]))
+        (pm, _), (pl, _) = (mean_std([v["position_prior"]["val_mim_accuracy"] for v in pre]),
+                            mean_std([v["position_prior"]["val_loss"] for v in pre]))
+        lines += ["", f"MIM pretraining on the validation images: masked-token accuracy {m:.3f} +- {s:.3f}, "
+                  f"loss {lm:.3f} +- {ls:.3f} nats. Baselines on the same masked patches: chance "
+                  f"1/{args.vocab_size} = {1 / args.vocab_size:.3f}; predicting each token from its grid position "
+                  f"alone: accuracy {pm:.3f}, loss {pl:.3f} nats."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(summary: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fractions = args.label_fractions
+    panels = len(fractions) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.0), squeeze=False)
+    colors = {"pretrained": "tab:blue", "scratch": "tab:orange"}
+    for ax, fraction in zip(axes[0], fractions):
+        for arm in ARMS:
+            per_seed = summary["curves"][f"{arm}_f{fraction:g}"]
+            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in per_seed.values())))
+            if not steps:
+                continue
+            values = np.array([[dict(c)[s] for s in steps] for c in per_seed.values()])
+            mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(steps))
+            ax.plot(steps, mean, marker="o", ms=3, color=colors[arm], label=f"{arm} (n={len(values)})")
+            ax.fill_between(steps, mean - std, mean + std, color=colors[arm], alpha=0.2)
+        ax.set_title(f"fine-tuning, {fraction:.0%} of the labels ({labelled_count(fraction)} images)", fontsize=10)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("validation top-1 (359 digits)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    ax = axes[0][-1]
+    for seed, item in summary["pretrain"].items():
+        if item["curve"]:
+            steps, values = zip(*item["curve"])
+            ax.plot(steps, values, marker="o", ms=3, label=f"seed {seed}")
+    ax.axhline(1 / args.vocab_size, color="grey", ls="--", lw=1, label="chance")
+    priors = [v["position_prior"]["val_mim_accuracy"] for v in summary["pretrain"].values()]
+    if priors:
+        ax.axhline(sum(priors) / len(priors), color="black", ls=":", lw=1.2, label="position prior")
+    ax.set_title(f"MIM pretraining ({args.vocab_size} tokens, mask {args.mask_ratio:g})", fontsize=10)
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("masked-token accuracy (val images)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.suptitle("tiny BEiT on digits: MIM-pretrained vs from scratch, same fine-tuning (mean +- std over seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_to_mlflow(out: Path, args: argparse.Namespace, summary: dict[str, Any], files: list[Path]) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    name = "mim_vs_scratch"
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = (experiment.experiment_id if experiment is not None else
+                     client.create_experiment(name, artifact_location=(out / "mlartifacts").resolve().as_uri()))
+    run = client.create_run(experiment_id, run_name="summary" + ("_smoke" if args.smoke else ""))
+    params = {"seeds": " ".join(map(str, args.seeds)), "label_fractions": " ".join(f"{f:g}" for f in args.label_fractions),
+              "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
+              "vocab_size": args.vocab_size, "mask_ratio": args.mask_ratio, "smoke": args.smoke,
+              "set_pretrain": " ".join(args.set_pretrain), "set_finetune": " ".join(args.set_finetune)}
+    now = int(time.time() * 1000)
+    metrics = []
+    for row in summary["rows"]:
+        key = f"val_top1_{row['arm']}_f{row['label_fraction']:g}"
+        metrics += [Metric(f"{key}_mean", row["val_top1_mean"], now, 0), Metric(f"{key}_std", row["val_top1_std"], now, 0)]
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    for file in files:
+        client.log_artifact(run.info.run_id, str(file))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--label-fractions", type=float, nargs="+", default=[0.1, 1.0],
+                        help="fractions of each class's training images whose labels the fine-tunes use")
+    parser.add_argument("--out", type=Path, default=Path("runs/mim_vs_scratch"))
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"a few steps of everything (default seeds: 0 only): {SMOKE}")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (one process each)")
+    parser.add_argument("--pretrain-steps", type=int)
+    parser.add_argument("--finetune-steps", type=int)
+    parser.add_argument("--eval-every", type=int, help="evaluate every N steps (default: the recipes')")
+    parser.add_argument("--vocab-size", type=int, default=64, help="codebook tokens (k-means centroids)")
+    parser.add_argument("--kmeans-iters", type=int, default=20)
+    parser.add_argument("--mask-ratio", type=float, default=0.4, help="fraction of the 16 patches masked in MIM")
+    parser.add_argument("--set-pretrain", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra recipe override for the pretraining runs")
+    parser.add_argument("--set-finetune", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra recipe override for BOTH fine-tuning arms")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if "--seeds" not in (argv if argv is not None else sys.argv):
+            args.seeds = [0]
+        args.pretrain_steps = args.pretrain_steps or SMOKE["pretrain_steps"]
+        args.finetune_steps = args.finetune_steps or SMOKE["finetune_steps"]
+        args.eval_every = args.eval_every or SMOKE["eval_every"]
+        args.vocab_size, args.kmeans_iters = SMOKE["vocab_size"], SMOKE["kmeans_iters"]
+    import yaml
+
+    args.pretrain_steps = args.pretrain_steps or yaml.safe_load(PRETRAIN_RECIPE.read_text())["train"]["steps"]
+    args.finetune_steps = args.finetune_steps or yaml.safe_load(FINETUNE_RECIPE.read_text())["train"]["steps"]
+    if not all(0 < f <= 1 for f in args.label_fractions):
+        parser.error("--label-fractions: each must be in (0, 1]")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    env = child_env(args.jobs)
+    start = time.perf_counter()
+
+    codebook = out / "codebook.safetensors"
+    if not codebook.is_file():
+        n = export_train_images(out / "train_images")
+        seconds = beitdist(["tokenizer", "fit", "--images", str(out / "train_images"), "--out", str(codebook),
+                            "--vocab-size", str(args.vocab_size), "--patch-size", str(PATCH_SIZE),
+                            "--input-size", str(IMAGE_SIZE), "--iters", str(args.kmeans_iters), "--seed", "0"],
+                           out / "tokenizer_fit.log", env)
+        print(f"[tokenizer] {args.vocab_size}-token codebook on {n} training images: {seconds:.0f} s", flush=True)
+
+    runs = plan_runs(args, runs_dir, codebook)
+    execute(runs, runs_dir, args.jobs, env)
+
+    summary = summarize(runs, runs_dir, args)
+    summary["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)  # this invocation
+    summary["run_seconds_total"] = round(sum(r.seconds for r in runs), 1)  # every run, side by side or not
+    table, data, picture = out / "results.md", out / "results.json", out / "curves.png"
+    write_table(summary, args, table)
+    data.write_text(json.dumps(summary, indent=1))
+    plot(summary, args, picture)
+    run_id = log_to_mlflow(out, args, summary, [table, data, picture])
+    print(table.read_text())
+    print(f"wrote {table}, {data}, {picture}; MLflow run {run_id} in sqlite:///{(out / 'mlflow.db').resolve()} "
+          f"(experiment mim_vs_scratch); {summary['wall_seconds']:.0f} s in all (training processes: "
+          f"{summary['run_seconds_total']:.0f} s, {args.jobs} at a time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

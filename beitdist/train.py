@@ -322,6 +322,19 @@ class Trainer:
             raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return save_checkpoint(model, self.run_dir / "final")
 
+    def _finished_result(self) -> TrainResult | None:
+        """A run resumed at its last step has nothing left to do: launching it again must not
+        overwrite its result (metrics, final weights) with an empty one. Returns the saved result
+        then (None when there are steps left)."""
+        result_file = self.run_dir / RESULT_FILE
+        if self.step < self.recipe.train.steps or not result_file.exists():
+            return None
+        if self.rank == 0:
+            log.info("run %s already finished at step %d; nothing to do (its result is kept)", self.recipe.name,
+                     self.step)
+        dist.barrier()
+        return _result_from(result_file)
+
     def _write_progress(self, step_metrics: Mapping[str, float], eval_metrics: Mapping[str, float]) -> None:
         """Rank 0, at most once a second: what the launcher's progress bar shows."""
         now = time.monotonic()
@@ -343,10 +356,18 @@ class Trainer:
     def run(self) -> TrainResult:
         self.setup()
         train = self.recipe.train
+        finished = self._finished_result()
+        if finished is not None:
+            return finished
         plugins.emit("beitdist_on_train_start", context=self.context)
         batches = self._batches()
         metrics: dict[str, float] = {}
         checkpoint = None
+        if self.step >= train.steps and self.resume_tag is not None:
+            # resumed from the last step's checkpoint of a run that stopped before writing its
+            # result: evaluate and consolidate that checkpoint instead of training
+            checkpoint = self.ckpt_dir / self.resume_tag.removesuffix("_universal")
+            metrics = self.evaluate()
         while self.step < train.steps:
             step_metrics = self.train_step(batches)
             plugins.emit("beitdist_on_step_end", context=self.context, step=self.step, metrics=step_metrics)
@@ -383,6 +404,12 @@ class Trainer:
                      final_dir=str(final_dir) if final_dir else None)
         dist.barrier()
         return result
+
+
+def _result_from(path: Path) -> TrainResult:
+    saved = json.loads(path.read_text())
+    final_dir = Path(saved["final_dir"]) if saved.get("final_dir") else None
+    return TrainResult(int(saved["step"]), dict(saved.get("metrics") or {}), list(saved.get("losses") or []), final_dir)
 
 
 def _sample(batch: Mapping[str, Any], count: int = 4) -> dict[str, torch.Tensor]:

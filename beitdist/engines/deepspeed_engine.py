@@ -36,8 +36,8 @@ class DeepSpeedEngine(TrainEngine):
     def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int) -> str:
         """DeepSpeed cannot re-partition ZeRO state for another world size directly: convert the
         checkpoint to the universal format (rank 0, once) and load that."""
-        if saved_world_size == self.world_size:
-            return tag
+        if saved_world_size == self.world_size or not any((Path(ckpt_dir) / tag).glob("*optim_states.pt")):
+            return tag  # same world size, or ZeRO-0: the whole optimizer state is in one file, unsharded
         log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
                  tag, saved_world_size, self.world_size)
         if dist.get_rank() == 0:
@@ -92,6 +92,17 @@ class DeepSpeedEngine(TrainEngine):
 
     # ------------------------------------------------------------- checkpoints
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's shards, marked convertible to the universal format: `ds_to_universal`
+        refuses ZeRO-1/2 checkpoints without `universal_checkpoint_info` (Megatron writes it; a
+        plain model has no tensor-parallel patterns to declare, so the empty info is complete)."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+                        **client_state}
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, ckpt_dir: Path, tag: str) -> None:

@@ -89,7 +89,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     params = count_parameters(backbone, recipe.head.name, recipe.head.options)
     activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
                                    recipe.engine.activation_checkpointing)
-    plans = all_plans(params, world, recipe.engine.precision, activations)
+    plans = all_plans(params, world, recipe.engine.precision, activations, largest_layer=params.largest_layer)
     print(f"{recipe.name}: {params / 1e6:.1f}M parameters, {backbone.image_size[0]} px, batch "
           f"{recipe.data.batch_size} per rank, {world} ranks, {recipe.engine.precision}")
     for p in plans:

@@ -91,7 +91,7 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
     activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
                                    recipe.engine.activation_checkpointing)
     memory = plan(params, world, engine["zero_stage"], recipe.engine.precision, engine["offload_optimizer"],
-                  engine["offload_params"], activations)
+                  engine["offload_params"], activations, largest_layer=params.largest_layer)
     return LaunchPlan(world, use_gpu, recipe.data.batch_size, recipe.engine.grad_accum, recipe.global_batch,
                       engine["zero_stage"], recipe.train.steps, params, memory.device_total / 1024**3,
                       memory.cpu / 1024**3)

@@ -235,11 +235,13 @@ class Recipe:
                   f"is {engine.grad_accum}, but scaling.global_batch_size {scaling.global_batch_size} / "
                   f"(data.batch_size {self.data.batch_size} x scaling.num_workers {scaling.num_workers}) gives "
                   f"{derived}; remove engine.grad_accum (it is derived) or scaling.global_batch_size")
-        global_batch = self.data.batch_size * engine.grad_accum * scaling.num_workers
+        accum = engine.grad_accum
+        if scaling.global_batch_size is not None:  # derived, as at_world_size does at run time
+            accum = scaling.global_batch_size // (self.data.batch_size * scaling.num_workers)
         implied = {
-            "train_batch_size": (global_batch, "data.batch_size x engine.grad_accum x scaling.num_workers"),
+            "train_batch_size": (self.global_batch, "data.batch_size x engine.grad_accum x scaling.num_workers"),
             "train_micro_batch_size_per_gpu": (self.data.batch_size, "data.batch_size"),
-            "gradient_accumulation_steps": (engine.grad_accum, "engine.grad_accum"),
+            "gradient_accumulation_steps": (accum, "engine.grad_accum"),
         }
         for key, (value, source) in implied.items():
             if key in engine.raw:

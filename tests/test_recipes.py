@@ -478,3 +478,12 @@ def test_pinned_global_batch_errors(tmp_path, text, expected):
     path = write(tmp_path / "bad.yaml", text)
     message = error_of(load_recipe, path)
     assert message.startswith(str(path)) and expected in message, message
+
+
+def test_engine_raw_batch_sizes_are_checked_against_a_pinned_global_batch():
+    from beitdist.recipe import parse_recipe
+
+    base = {"data": {"dataset": "digits", "batch_size": 8}, "scaling": {"num_workers": 2, "global_batch_size": 64}}
+    parse_recipe({**base, "engine": {"raw": {"train_batch_size": 64, "gradient_accumulation_steps": 4}}})
+    with pytest.raises(ValueError, match=r"engine.raw.train_batch_size: is 16, but the recipe implies 64"):
+        parse_recipe({**base, "engine": {"raw": {"train_batch_size": 16}}})

@@ -54,19 +54,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    import torch
-
-    from beitdist.launcher import launch, make_plan
+    from beitdist.launcher import launch, make_plan, uses_gpu
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
 
     # a dry run plans a recipe that may be meant for another machine: its data need not be here
     check_paths = not (args.skip_paths or args.dry_run)
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=check_paths))
-    scaling = recipe.scaling
-    use_gpu = getattr(scaling, "use_gpu", None) if not isinstance(scaling, dict) else scaling.get("use_gpu")
-    use_gpu = torch.cuda.is_available() if use_gpu in (None, "auto") else bool(use_gpu)
-    plan = make_plan(recipe, use_gpu)
+    plan = make_plan(recipe, uses_gpu(recipe))
     print(plan.describe(recipe))
     if args.dry_run:
         return EXIT_OK
@@ -79,13 +74,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from beitdist.launcher import _scaling
     from beitdist.plan import activation_bytes, all_plans, count_parameters, smallest_fit
     from beitdist.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     backbone = recipe.model.backbone_config()
-    world = args.gpus or _scaling(recipe)["num_workers"]
+    world = args.gpus or recipe.scaling.num_workers
     params = count_parameters(backbone, recipe.head.name, recipe.head.options)
     activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
                                    recipe.engine.activation_checkpointing)

@@ -50,7 +50,7 @@ class LaunchPlan:
         lines = [
             f"run            {recipe.name} -> {recipe.run_dir}",
             f"model          {recipe.model.variant} backbone, head {recipe.head.name}, {self.params / 1e6:.1f}M parameters",
-            f"workers        {self.world_size} x {device} (placement {_scaling(recipe)['placement_strategy']})",
+            f"workers        {self.world_size} x {device} (placement {recipe.scaling.placement_strategy})",
             f"batch          {self.per_rank_batch} per rank x {self.grad_accum} accumulation x "
             f"{self.world_size} ranks = {self.global_batch} global",
             f"engine         {_engine_name(recipe, self.zero_stage)}, {recipe.engine.precision}, {self.steps} steps",
@@ -67,23 +67,16 @@ def _engine_name(recipe: Recipe, zero_stage: int) -> str:
     return f"DeepSpeed ZeRO-{zero_stage}"
 
 
-def _scaling(recipe: Recipe) -> dict[str, Any]:
-    scaling = recipe.scaling
-    get = scaling.get if isinstance(scaling, dict) else (lambda k, d=None: getattr(scaling, k, d))
-    return {
-        "num_workers": int(get("num_workers", 1)),
-        "use_gpu": get("use_gpu", "auto"),
-        "resources_per_worker": dict(get("resources_per_worker", {}) or {}),
-        "placement_strategy": get("placement_strategy", "PACK"),
-        "max_failures": int(get("max_failures", 0)),
-    }
+def uses_gpu(recipe: Recipe) -> bool:
+    """scaling.use_gpu resolved: "auto" means GPUs when this process sees CUDA."""
+    use_gpu = recipe.scaling.use_gpu
+    return torch.cuda.is_available() if use_gpu == "auto" else bool(use_gpu)
 
 
 def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
     from beitdist.plan import activation_bytes, count_parameters, plan
 
-    scaling = _scaling(recipe)
-    world = scaling["num_workers"]
+    world = recipe.scaling.num_workers
     recipe = recipe.at_world_size(world)
     engine = recipe.engine.resolved()
     backbone = recipe.model.backbone_config()
@@ -263,23 +256,23 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    scaling = _scaling(recipe)
-    use_gpu = torch.cuda.is_available() if scaling["use_gpu"] == "auto" else bool(scaling["use_gpu"])
+    scaling = recipe.scaling
+    use_gpu = uses_gpu(recipe)
     output_dir = Path(recipe.output_dir).resolve()
     recipe = recipe.replace(output_dir=str(output_dir))
-    env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling["num_workers"]))}
+    env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling.num_workers))}
     if not use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"
-    num_cpus = None if address else max(os.cpu_count() or 1, scaling["num_workers"] + 1)
+    num_cpus = None if address else max(os.cpu_count() or 1, scaling.num_workers + 1)
     _init_ray(address, num_cpus, env_vars)
-    resources = scaling["resources_per_worker"] or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
+    resources = scaling.resources_per_worker or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe.to_dict()},
-        scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=use_gpu,
-                                     resources_per_worker=resources, placement_strategy=scaling["placement_strategy"]),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(name=recipe.name, storage_path=str(output_dir),
-                             failure_config=FailureConfig(max_failures=scaling["max_failures"])),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     from ray.train import TrainingFailedError
@@ -288,7 +281,7 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
         with ProgressBar(recipe.run_dir / "progress.json"):
             trainer.fit()
     except TrainingFailedError as err:
-        raise _run_failed(recipe, err, scaling["max_failures"]) from None
+        raise _run_failed(recipe, err, scaling.max_failures) from None
     except SystemExit:
         # Ctrl-C during fit(): Ray Train's own SIGINT handler aborts the controller (the workers
         # stop), then the blocked ray.get() turns the interrupt into SystemExit(1)

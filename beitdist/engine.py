@@ -68,6 +68,11 @@ class EngineConfig:
     activation_checkpointing: bool = False
     zero_init: bool = True
     """Build the model under deepspeed.zero.Init when the stage is 3."""
+    compile: bool = False
+    """torch.compile the model (inductor) once the engine has wrapped it: layer norms, GELU,
+    softmax, biases and residual adds fused into few kernels. The first training and the first
+    evaluation step compile (tens of seconds on a GPU, minutes on a small CPU); weights,
+    checkpoints and parameter names are unchanged."""
     raw: dict[str, Any] = field(default_factory=dict)
     """Escape hatch: merged last into the generated DeepSpeed config."""
 

@@ -232,6 +232,18 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+LAUNCH_FILE = "launch.json"
+
+
+def _record_launch(run_dir: Path, record: dict[str, Any]) -> None:
+    """`<run_dir>/launch.json`: when this launch started and when Ray was up (epoch seconds), so
+    start-up time can be told apart from Ray's own (benchmarks/launch_overhead.py)."""
+    from beitdist.run_checkpoints import write_atomic
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(run_dir) / LAUNCH_FILE, json.dumps(record), durable=False)
+
+
 def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
     import ray
 
@@ -256,6 +268,7 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    started_at = time.time()
     scaling = recipe.scaling
     use_gpu = uses_gpu(recipe)
     output_dir = Path(recipe.output_dir).resolve()
@@ -265,6 +278,8 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
         env_vars["DS_ACCELERATOR"] = "cpu"
     num_cpus = None if address else max(os.cpu_count() or 1, scaling.num_workers + 1)
     _init_ray(address, num_cpus, env_vars)
+    _record_launch(recipe.run_dir, {"started_at": started_at, "ray_ready_at": time.time(),
+                                    "num_workers": scaling.num_workers, "address": address})
     resources = scaling.resources_per_worker or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -90,6 +90,11 @@ class Trainer:
         self.run_dir = recipe.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.losses: list[float] = []
+        self.eval_history: list[dict[str, float]] = []  # every evaluation of the run, kept across resumes
+        # wall-clock marks (epoch seconds) and the seconds of each loop iteration of this attempt
+        # without its evaluation and checkpoint: start-up vs per-step framework overhead
+        # (benchmarks/launch_overhead.py, benchmarks/zero_scaling.py)
+        self.timing: dict[str, Any] = {"started_at": time.time(), "iteration_s": []}
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -131,6 +136,7 @@ class Trainer:
             self._load(self.resume_tag)
         self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
                                     extras={"resumed_step": self.step})
+        self.timing.update(setup_done_at=time.time(), first_timed_step=self.step + 1)
 
     def _resume_tag(self) -> str | None:
         """The newest complete checkpoint, as the engine loads it (DeepSpeed converts one saved at
@@ -169,6 +175,7 @@ class Trainer:
         self.engine.load(self.ckpt_dir, tag)
         state = json.loads((self.ckpt_dir / tag.removesuffix("_universal") / STATE_FILE).read_text())
         self.step, self.loader_state = state["step"], state["loader"]
+        self.eval_history = list(state.get("eval_history", []))
         log.info("resumed from %s at step %d", tag, self.step)
 
     # ------------------------------------------------------------------- data
@@ -292,7 +299,7 @@ class Trainer:
             self.engine.save(self.ckpt_dir, tag, client_state={"step": self.step})
             if self.rank == 0:
                 state = {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
-                         "recipe": self.recipe.to_dict()}
+                         "eval_history": self.eval_history, "recipe": self.recipe.to_dict()}
                 ckpts.write_atomic(path / STATE_FILE, json.dumps(state, indent=1, default=str))
             ckpts.finish_checkpoint(self.ckpt_dir, tag)
         except (OSError, RuntimeError) as err:
@@ -369,7 +376,10 @@ class Trainer:
             checkpoint = self.ckpt_dir / self.resume_tag.removesuffix("_universal")
             metrics = self.evaluate()
         while self.step < train.steps:
+            iteration_start = time.perf_counter()
             step_metrics = self.train_step(batches)
+            if "first_step_done_at" not in self.timing:
+                self.timing["first_step_done_at"] = time.time()
             plugins.emit("beitdist_on_step_end", context=self.context, step=self.step, metrics=step_metrics)
             self._write_progress(step_metrics, metrics)
             if self.rank == 0 and train.log_every and self.step % train.log_every == 0:
@@ -377,17 +387,22 @@ class Trainer:
                          step_metrics["lr"], step_metrics["images_per_s"])
             last = self.step == train.steps
             stopping = self.step == train.stop_at
+            side_start = time.perf_counter()  # evaluation and checkpoints are not per-step overhead
             if last or (train.eval_every and self.step % train.eval_every == 0):
                 metrics = self.evaluate()
+                self.eval_history.append({"step": self.step, **metrics})
                 if self.rank == 0:
                     log.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
                 plugins.emit("beitdist_on_eval_end", context=self.context, step=self.step, metrics=metrics)
-            if last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0):
+            saving = last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0)
+            if saving:
                 checkpoint = self.save({**step_metrics, **metrics})
                 if self.reporter is not None:
                     self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
-            elif self.reporter is not None and train.log_every and self.step % train.log_every == 0:
+            side_s = time.perf_counter() - side_start
+            if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)
+            self.timing["iteration_s"].append(time.perf_counter() - iteration_start - side_s)
             if stopping and not last:
                 log.info("stopping at step %d as asked (train.stop_at); the next launch resumes here", self.step)
                 dist.barrier()
@@ -398,7 +413,9 @@ class Trainer:
         result = TrainResult(self.step, metrics, self.losses, final_dir, checkpoint)
         if self.rank == 0:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
-                       "final_dir": str(final_dir) if final_dir else None, "world_size": self.world}
+                       "eval_history": self.eval_history, "final_dir": str(final_dir) if final_dir else None,
+                       "world_size": self.world, "images_per_step": self.recipe.global_batch,
+                       "timing": self.timing}
             ckpts.write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)

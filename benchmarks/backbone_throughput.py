@@ -1,15 +1,24 @@
-"""Training-step throughput of beitdist's BEiT against transformers', side by side in one process.
+"""Training-step and inference throughput of beitdist's BEiT against transformers' and timm's,
+side by side in one process.
 
-One step = forward, cross-entropy, backward, AdamW step, for beitdist's backbone + classifier and
-for transformers' BeitForImageClassification (attn_implementation "sdpa" and "eager"), all holding
-the same weights (exported with `beitdist.export_hf`) and fed the same batch. Steps are
-interleaved model by model so that drifts of a shared machine hit every column alike; the median
-step time is reported. Achieved GFLOP/s counts matmul FLOPs only (patch-embedding conv, q/k/v,
-attention scores and values, projection, MLP, classifier; backward = 2x forward) and is compared
-with the peak of a large matmul measured in the same process.
+Training step = forward, cross-entropy, backward, AdamW step (torch's fused AdamW for every
+model, so the optimizer costs the same everywhere). Inference = eval mode, `torch.inference_mode`,
+forward only. Models: beitdist's backbone + classifier; transformers' BeitForImageClassification
+with attn_implementation "sdpa" and "eager", holding the same weights (exported with
+`beitdist.export_hf`); timm's Beit with the same architecture (its own random init: throughput
+does not depend on the weights' values); optionally beitdist compiled (`--compile`, the recipe's
+`engine.compile`). timm imports torchvision, which may not import beside the installed torch:
+then its column says why and the ratio is taken against the peers that ran.
+
+Every model is fed the same batch; steps are interleaved model by model so that drifts of a
+shared machine hit every column alike; the median time is reported. Achieved GFLOP/s counts
+matmul FLOPs only (patch-embedding conv, q/k/v, attention scores and values, projection, MLP,
+classifier; a training step = 3x forward: backward computes two matmuls per forward one) and is
+compared with the best square-matmul rate measured in the same process.
 
     python benchmarks/backbone_throughput.py                      # small and base, fp32 and bf16
     python benchmarks/backbone_throughput.py --variants small --dtypes fp32 --iters 3
+    python benchmarks/backbone_throughput.py --modes infer --compile
 """
 
 from __future__ import annotations
@@ -22,12 +31,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import beitdist
 
 NUM_CLASSES = 1000
+PEERS = ("transformers-sdpa", "transformers-eager", "timm")
+TARGETS = {("train", "fp32"): 1.0, ("train", "bf16"): 1.1}
+PEAK_TARGET = 0.85
 
 
 def matmul_flops_per_image(config: beitdist.BackboneConfig, num_classes: int) -> float:
@@ -54,103 +67,180 @@ def matmul_peak_gflops(dtype: torch.dtype, budget_s: float = 3.0) -> float:
     return best
 
 
-def make_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, dtype: str) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    autocast = dtype == "bf16"
+def logits_of(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def train_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(pixels).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = logits_of(model(pixels))
         torch.nn.functional.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
 
     return step
 
 
-def build_models(variant: str, image_size: int, workdir: Path) -> tuple[dict[str, torch.nn.Module], beitdist.BackboneConfig]:
+def infer_step(model: torch.nn.Module, pixels: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits_of(model(pixels))
+
+    return step
+
+
+def timm_model(config: beitdist.BackboneConfig) -> torch.nn.Module:
+    """timm's Beit with beitdist's architecture (raises if timm cannot be imported)."""
+    from timm.models.beit import Beit
+
+    return Beit(img_size=config.image_size[0], patch_size=config.patch_size, num_classes=NUM_CLASSES,
+                embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
+                mlp_ratio=config.hidden_mlp_dim / config.embed_dim, qkv_bias=config.qkv_bias,
+                use_abs_pos_emb=config.abs_pos_emb, use_rel_pos_bias=config.rel_pos_bias == "per_block",
+                use_shared_rel_pos_bias=config.rel_pos_bias == "shared", init_values=config.layer_scale_init or None,
+                use_mean_pooling=config.pooling == "mean")
+
+
+def build_models(variant: str, image_size: int, workdir: Path, compile_ours: bool
+                 ) -> tuple[dict[str, torch.nn.Module], dict[str, str], beitdist.BackboneConfig]:
+    """The models that could be built, and why the others could not."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     config = beitdist.variant(variant, image_size=image_size)
     ours = beitdist.build_model(config, "classification", {"num_classes": NUM_CLASSES})
     beitdist.export_hf(ours, workdir / variant)
     models: dict[str, torch.nn.Module] = {"beitdist": ours}
+    missing: dict[str, str] = {}
+    if compile_ours:
+        compiled = beitdist.build_model(config, "classification", {"num_classes": NUM_CLASSES})
+        compiled.load_state_dict(ours.state_dict())
+        compiled.compile()
+        models["beitdist-compiled"] = compiled
     for impl in ("sdpa", "eager"):
         models[f"transformers-{impl}"] = transformers.BeitForImageClassification.from_pretrained(
             workdir / variant, attn_implementation=impl
         )
-    for model in models.values():
-        model.train()
-    return models, config
+    try:
+        models["timm"] = timm_model(config)
+    except Exception as err:  # ImportError, or torchvision failing to load beside this torch
+        missing["timm"] = f"not importable ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+    return models, missing, config
 
 
-def bench(variant: str, dtype: str, args: argparse.Namespace, workdir: Path, peaks: dict[str, float]) -> list[dict]:
+def bench(variant: str, dtype: str, mode: str, args: argparse.Namespace, workdir: Path,
+          peaks: dict[str, float]) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    models, config = build_models(variant, args.image_size, workdir)
+    models, missing, config = build_models(variant, args.image_size, workdir, args.compile)
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,))
-    steps = {name: make_step(model, pixels, labels, dtype) for name, model in models.items()}
-    for step in steps.values():
+    bf16 = dtype == "bf16"
+    steps: dict[str, Callable[[], None]] = {}
+    for name, model in models.items():
+        model.train(mode == "train")
+        steps[name] = train_step(model, pixels, labels, bf16) if mode == "train" else infer_step(model, pixels, bf16)
+    warmup_s: dict[str, float] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        warmup_s[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.iters):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    flops = 3 * matmul_flops_per_image(config, NUM_CLASSES)
+    flops = (3 if mode == "train" else 1) * matmul_flops_per_image(config, NUM_CLASSES)
     rows = []
     for name, samples in times.items():
         images_per_s = args.batch / statistics.median(samples)
-        rows.append(
-            {
-                "variant": variant,
-                "dtype": dtype,
-                "model": name,
-                "images_per_s": images_per_s,
-                "gflops": images_per_s * flops / 1e9,
-                "peak_fraction": images_per_s * flops / 1e9 / peaks[dtype],
-            }
-        )
+        rows.append({"variant": variant, "dtype": dtype, "mode": mode, "model": name, "images_per_s": images_per_s,
+                     "gflops": images_per_s * flops / 1e9, "peak_fraction": images_per_s * flops / 1e9 / peaks[dtype],
+                     "warmup_s": warmup_s[name], "step_times_s": samples})
+    for name, why in missing.items():
+        rows.append({"variant": variant, "dtype": dtype, "mode": mode, "model": name, "images_per_s": None, "note": why})
     ours = rows[0]["images_per_s"]
     for row in rows:
-        row["beitdist_speedup"] = ours / row["images_per_s"]
+        row["beitdist_speedup"] = ours / row["images_per_s"] if row["images_per_s"] else None
     return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """beitdist against the faster peer that ran, and the targets of this benchmark."""
+    measured = {r["model"]: r for r in rows if r["images_per_s"]}
+    peers = {name: r["images_per_s"] for name, r in measured.items() if name in PEERS}
+    ours = measured["beitdist"]
+    best_peer = max(peers, key=peers.get)
+    out: dict[str, Any] = {"variant": ours["variant"], "dtype": ours["dtype"], "mode": ours["mode"],
+                           "fastest_peer": best_peer, "ratio_vs_fastest_peer": ours["images_per_s"] / peers[best_peer],
+                           "peak_fraction": ours["peak_fraction"]}
+    if "beitdist-compiled" in measured:
+        out["compiled_ratio_vs_fastest_peer"] = measured["beitdist-compiled"]["images_per_s"] / peers[best_peer]
+    target = TARGETS.get((ours["mode"], ours["dtype"]))
+    if target is not None:
+        out["target_ratio"] = target
+    return out
+
+
+def print_row(row: dict[str, Any]) -> None:
+    head = f"{row['variant']:6} {row['mode']:5} {row['dtype']:5} {row['model']:19}"
+    if row["images_per_s"] is None:
+        print(f"{head} {row['note']}", flush=True)
+        return
+    print(f"{head} {row['images_per_s']:8.2f} {row['beitdist_speedup']:10.2f} {row['gflops']:8.1f} "
+          f"{100 * row['peak_fraction']:6.1f}% {row['warmup_s']:8.1f}", flush=True)
+
+
+def print_summary(item: dict[str, Any]) -> None:
+    line = (f"  -> beitdist / {item['fastest_peer']} = {item['ratio_vs_fastest_peer']:.2f}x"
+            + (f" (target >= {item['target_ratio']:.1f}x)" if "target_ratio" in item else "")
+            + (f", compiled {item['compiled_ratio_vs_fastest_peer']:.2f}x" if "compiled_ratio_vs_fastest_peer" in item else ""))
+    if item["dtype"] == "fp32":
+        line += f"; {100 * item['peak_fraction']:.0f}% of the fp32 matmul peak (target >= {100 * PEAK_TARGET:.0f}%)"
+    print(line, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["small", "base"])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add beitdist under torch.compile (minutes to compile on a CPU)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/backbone_throughput.json"))
     args = parser.parse_args()
 
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"matmul peak (2048^3, same process): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
-    print("GFLOP/s counts matmul FLOPs only (patch conv, qkv, attention, proj, MLP, head; backward = 2x forward)\n")
-    header = f"{'variant':8} {'dtype':5} {'model':20} {'img/s':>8} {'beitdist x':>10} {'GFLOP/s':>8} {'% peak':>7}"
+    print(f"matmul peak (square matmuls up to 2048, same process): fp32 {peaks['fp32']:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.1f} GFLOP/s")
+    print("GFLOP/s counts matmul FLOPs only (patch conv, qkv, attention, proj, MLP, head); train = 3x forward;"
+          " warmup s includes compiling\n")
+    header = (f"{'size':6} {'mode':5} {'dtype':5} {'model':19} {'img/s':>8} {'beitdist x':>10} {'GFLOP/s':>8} "
+              f"{'% peak':>7} {'warmup s':>8}")
     print(header)
     print("-" * len(header))
-    rows = []
+    rows, summaries = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
-            for dtype in args.dtypes:
-                for row in bench(variant, dtype, args, Path(tmp), peaks):
-                    rows.append(row)
-                    print(
-                        f"{row['variant']:8} {row['dtype']:5} {row['model']:20} {row['images_per_s']:8.2f} "
-                        f"{row['beitdist_speedup']:10.2f} {row['gflops']:8.1f} {100 * row['peak_fraction']:6.1f}%",
-                        flush=True,
-                    )
+            for mode in args.modes:
+                for dtype in args.dtypes:
+                    group = bench(variant, dtype, mode, args, Path(tmp), peaks)
+                    for row in group:
+                        print_row(row)
+                    summaries.append(summary(group))
+                    print_summary(summaries[-1])
+                    rows.extend(group)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"batch": args.batch, "image_size": args.image_size, "iters": args.iters, "peaks_gflops": peaks,
-              "torch": torch.__version__, "rows": rows}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "summary": summaries}
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
 

@@ -26,203 +26,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-import beitdist
-from beitdist.plan import GIB, MemoryPlan, activation_bytes, count_parameters, plan
+from _rank_runs import (RankMemory, classification_recipe, environment, outcome, peak_in_training, predicted,
+                        train)
+from beitdist.plan import GIB, MemoryPlan
 
 log = logging.getLogger("beit_large_zero3_memory")
-
-NUM_CLASSES = 10  # digits
-MINUSCULE = {"embed_dim": 16, "depth": 1, "num_heads": 1}
-"""The reference run's backbone: same pipeline, next to no parameters or activations."""
 
 
 def recipe(args: argparse.Namespace, reference: bool = False) -> dict[str, Any]:
     """The run: full-size backbone (or the minuscule reference), fp32 ZeRO-3, one image per rank,
     a checkpoint at the last step, one validation image at a time so evaluation never outgrows
     training."""
-    backbone = {"image_size": args.image_size, "patch_size": args.patch_size, **(MINUSCULE if reference else {})}
-    return {
-        "name": f"{args.variant}_zero3_memory" + ("_reference" if reference else ""),
-        "seed": 0,
-        "output_dir": str(args.out / "runs"),
-        "model": {"variant": args.variant, "backbone": backbone},
-        "head": {"name": "classification", "options": {"num_classes": NUM_CLASSES}},
-        "data": {"dataset": "digits", "options": {"val_fraction": 0.02}, "batch_size": args.batch,
-                 "val_batch_size": 1,
-                 "augment": {"rand_augment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "hflip": 0.0,
-                             "color_jitter": None}},
-        "optim": {"lr": 1e-4, "warmup_steps": 0, "clip_grad": 1.0},
-        "engine": {"zero_stage": 3, "precision": "fp32"},
-        "train": {"steps": args.steps, "log_every": 1, "eval_every": 0, "checkpoint_every": 0},
-        "tracking": {"enabled": False},
-    }
-
-
-def predicted(args: argparse.Namespace) -> MemoryPlan:
-    """beitdist's plan for this run: ZeRO-3, fp32, no offload, `nproc` ranks."""
-    config = beitdist.variant(args.variant, image_size=args.image_size, patch_size=args.patch_size)
-    params = count_parameters(config, "classification", {"num_classes": NUM_CLASSES})
-    activations = activation_bytes(config, args.batch, "fp32", checkpointing=False)
-    return plan(params, args.nproc, 3, "fp32", activations=activations)
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process in bytes (empty once it has exited)."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    fields = (line.partition(":") for line in lines)
-    return {key: int(value.split()[0]) * 1024 for key, _, value in fields if key in ("VmRSS", "VmHWM")}
-
-
-def rank_of(pid: int) -> int | None:
-    """The RANK torchrun gave a worker (None for the launcher itself or any other process)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    if b"torch.distributed.run" in cmdline:
-        return None
-    value = next((e[5:] for e in environ if e.startswith(b"RANK=")), None)
-    return int(value) if value is not None else None
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below `root` (children of children too), from /proc's parent links."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found.extend(children)
-        todo.extend(children)
-    return found
-
-
-@dataclass
-class RankMemory:
-    pid: int
-    peak: int = 0
-    """VmHWM last seen: the peak of the whole run (sampling misses at most its last interval)."""
-    train_peak: int | None = None
-    """VmHWM when the progress file first showed the last step."""
-    samples: list[tuple[float, int]] = field(default_factory=list)
-
-
-class Sampler:
-    """Polls the rank processes of a torchrun launcher until it exits."""
-
-    def __init__(self, launcher: subprocess.Popen, nproc: int, progress: Path, steps: int, interval: float) -> None:
-        self.launcher, self.nproc, self.progress, self.steps = launcher, nproc, progress, steps
-        self.interval = interval
-        self.ranks: dict[int, RankMemory] = {}
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.start = time.monotonic()
-
-    def _final_step_done(self) -> bool:
-        try:
-            return json.loads(self.progress.read_text())["step"] >= self.steps
-        except (OSError, ValueError, KeyError):
-            return False
-
-    def _poll(self) -> None:
-        if len(self.ranks) < self.nproc:
-            for pid in descendants(self.launcher.pid):
-                rank = rank_of(pid)
-                if rank is not None and rank not in self.ranks:
-                    self.ranks[rank] = RankMemory(pid)
-        done = self._final_step_done()
-        for memory in self.ranks.values():
-            status = proc_status(memory.pid)
-            if not status:
-                continue
-            memory.peak = max(memory.peak, status["VmHWM"])
-            memory.samples.append((round(time.monotonic() - self.start, 2), status["VmRSS"]))
-            if done and memory.train_peak is None:
-                memory.train_peak = status["VmHWM"]
-
-    def _loop(self) -> None:
-        while self.launcher.poll() is None:
-            self._poll()
-            time.sleep(self.interval)
-
-    def __enter__(self) -> Sampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.thread.join()
-
-
-def environment(args: argparse.Namespace) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    if not args.glibc_default_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(1024 * 1024)
-    return env
-
-
-def train(spec: dict[str, Any], args: argparse.Namespace,
-          env: dict[str, str]) -> tuple[int, dict[int, RankMemory], Path]:
-    """Run a recipe under torchrun while sampling memory; returns the exit code, memory per rank
-    and the run directory."""
-    from beitdist.engine import free_port
-
-    path = args.out / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    run_dir = args.out / "runs" / spec["name"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           f"--master_port={free_port()}", "-m", "beitdist", "-v", "train", str(path)]
-    log.info("running %s", " ".join(cmd))
-    with open(args.out / f"{spec['name']}.log", "w") as output:
-        launcher = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=args.out)
-        with Sampler(launcher, args.nproc, run_dir / "progress.json", args.steps, args.interval) as sampler:
-            try:
-                launcher.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                launcher.terminate()
-                launcher.wait(timeout=60)
-    return launcher.returncode, sampler.ranks, run_dir
-
-
-def outcome(run_dir: Path) -> dict[str, Any]:
-    """Losses and checkpoint of the run, from what rank 0 wrote (judged from files, not the exit
-    code: torch's gloo teardown sometimes aborts after all work is done)."""
-    from beitdist.run_checkpoints import LATEST, checkpoint_problems
-
-    result_file = run_dir / "train_result.json"
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
-    latest = run_dir / "checkpoints" / LATEST
-    tag = latest.read_text().strip() if latest.exists() else None
-    problems = checkpoint_problems(run_dir / "checkpoints" / tag) if tag else ["no checkpoint written"]
-    losses = result.get("losses", [])
-    return {"losses": losses, "losses_finite": bool(losses) and all(math.isfinite(x) for x in losses),
-            "checkpoint": str(run_dir / "checkpoints" / tag) if tag else None, "checkpoint_problems": problems,
-            "final_dir": result.get("final_dir")}
-
-
-def peak_in_training(memory: RankMemory) -> int:
-    return memory.train_peak if memory.train_peak is not None else memory.peak
+    return classification_recipe(f"{args.variant}_zero3_memory", args.out / "runs", args.variant, args.image_size,
+                                 args.patch_size, args.batch, args.steps, 3, reference=reference)
 
 
 def describe_plan(args: argparse.Namespace, memory: MemoryPlan) -> None:
@@ -289,11 +110,12 @@ def main() -> int:
     args.out = (args.out or Path(tempfile.mkdtemp(prefix="beit_zero3_memory_"))).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    memory = predicted(args)
-    env = environment(args)
-    _, baseline, _ = train(recipe(args, reference=True), args, env)
-    code, ranks, run_dir = train(recipe(args), args, env)
-    run = outcome(run_dir)
+    memory = predicted(args.variant, args.image_size, args.patch_size, args.batch, args.nproc, 3)
+    env = environment(args.threads, args.glibc_default_malloc)
+    baseline = train(recipe(args, reference=True), args.out, args.nproc, env, args.interval, args.timeout).ranks
+    measured = train(recipe(args), args.out, args.nproc, env, args.interval, args.timeout)
+    code, ranks = measured.code, measured.ranks
+    run = outcome(measured.run_dir)
     if not ranks:
         print(f"no rank process was seen; see the logs in {args.out}", file=sys.stderr)
         return 1

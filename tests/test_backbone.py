@@ -162,3 +162,76 @@ def test_head_needing_a_mask_token_gets_one():
     assert model.config.use_mask_token and model.config.pooling == "none"
     out = model(torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.5)
     assert out.logits.shape == (2, 16, 20)
+
+
+def _naive_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    n = index.shape[0]
+    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+
+def test_gathered_bias_is_sdpa_aligned_and_exact():
+    """The bias is a view into storage padded to BIAS_ALIGNMENT (CUDA's memory-efficient SDPA takes it
+    without copying), equal to the plain gather in value and gradient, also when cast first."""
+    from beitdist.backbone.layers import (BIAS_ALIGNMENT, gather_relative_position_bias, num_relative_distances,
+                                          relative_position_index)
+
+    grid = (14, 14)
+    index = relative_position_index(grid)
+    table = torch.randn(num_relative_distances(grid), 12, requires_grad=True)
+    bias = gather_relative_position_bias(table, index)
+    assert bias.shape == (12, 197, 197)
+    assert all(stride % BIAS_ALIGNMENT == 0 for stride in bias.stride()[:-1]) and bias.stride(-1) == 1
+    expected = _naive_bias(table, index)
+    torch.testing.assert_close(bias, expected, rtol=0, atol=0)
+    weights = torch.randn(12, 197, 197)
+    (grad,) = torch.autograd.grad((bias * weights).sum(), table)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), table)
+    torch.testing.assert_close(grad, expected_grad)
+    cast = gather_relative_position_bias(table, index, torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and cast.stride() == bias.stride()
+
+
+def test_gathered_bias_is_cached_only_without_a_graph():
+    from beitdist.backbone.layers import RelativePositionBias
+
+    module = RelativePositionBias((4, 4), 2)
+    with torch.no_grad():
+        first, again = module(), module()
+        assert again is first  # inference reuses the gathered bias
+        module.relative_position_bias_table.add_(1.0)  # an optimizer step (or load) changes the table
+        changed = module()
+        assert changed is not first
+        torch.testing.assert_close(changed, first + 1.0)
+    trained = module()
+    assert trained.requires_grad and trained is not changed
+
+
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
+def test_cpu_attention_matches_sdpa(rel_pos_bias):
+    """On CPU the scores are computed by two matmuls (faster there); same outputs and gradients as SDPA."""
+    import torch.nn.functional as F
+
+    from beitdist.backbone import layers
+
+    config = variant("tiny", image_size=32, patch_size=8, depth=2, rel_pos_bias=rel_pos_bias, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = Beit(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    ours = model(x).last_hidden_state
+    grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()), allow_unused=True)
+    original = layers.attention
+    layers.attention = lambda q, k, v, bias, p: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+    try:
+        reference = model(x).last_hidden_state
+        reference_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()), allow_unused=True)
+    finally:
+        layers.attention = original
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, reference_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -125,3 +125,21 @@ def test_options_and_missing_shards(tmp_path):
     with pytest.raises(ValueError, match=r"not found.*nothing-\*.tar"):
         TarShards.build(TarShardOptions(num_classes=10, train=(str(tmp_path / "nothing-*.tar"),)), "train")
     assert TarShards.build(TarShardOptions(num_classes=10, train=("x",)), "val") is None
+
+
+def test_shuffle_buffer_holds_encoded_samples(tmp_path):
+    """The buffer is filled with the files' bytes: the first item is transformed alone, not after
+    transforming a whole buffer (memory and time to the first batch), and still every sample once."""
+    write_shards(tmp_path, 2, 10)
+    calls = []
+
+    def transform(image, label, sample_id):
+        calls.append(sample_id)
+        return {"pixel_values": torch.tensor(np.asarray(image)[0, 0, 0]), "labels": torch.tensor(label)}
+
+    dataset = TarShardDataset(sorted(str(p) for p in tmp_path.glob("*.tar")), 10, transform, shuffle_buffer=8, seed=3)
+    stream = iter(dataset)
+    first = next(stream)
+    assert len(calls) == 1
+    values = [int(first["pixel_values"])] + [int(item["pixel_values"]) for item in stream]
+    assert sorted(values) == list(range(20)) and values != list(range(20))

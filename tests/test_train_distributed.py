@@ -66,6 +66,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert "resumed from step_3 at step 3" in out.stderr
     whole, again = result_of(base, tmp_path), result_of(resumed, tmp_path)
     assert again["losses"] == pytest.approx(whole["losses"][3:], abs=1e-6)
+    assert [e["step"] for e in again["eval_history"]] == [e["step"] for e in whole["eval_history"]] == [6]
+    assert again["eval_history"][-1] == pytest.approx(whole["eval_history"][-1], abs=1e-6)
+    timing = again["timing"]  # this attempt's steps 4..6, each timed without its evaluation and save
+    assert timing["first_timed_step"] == 4 and len(timing["iteration_s"]) == 3
+    assert timing["started_at"] <= timing["setup_done_at"] <= timing["first_step_done_at"]
+    assert all(0 < s < 60 for s in timing["iteration_s"]) and again["images_per_step"] == 16
     a, b = final_weights(base, tmp_path), final_weights(resumed, tmp_path)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)

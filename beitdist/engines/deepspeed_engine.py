@@ -60,6 +60,10 @@ class DeepSpeedEngine(TrainEngine):
         optimizer = build_adamw(groups, self.optim, cpu_offload=self.config.resolved()["offload_optimizer"])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = self.engine.module
+        if self.config.compile:
+            # DeepSpeed's own compile keeps its ZeRO hooks out of the graphs (they stay eager)
+            self.engine.compile(backend="inductor")
+            log.info("model compiled (torch.compile, inductor); the first steps include compiling")
 
     # -------------------------------------------------------------------- loop
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> Any:

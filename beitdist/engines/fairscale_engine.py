@@ -23,6 +23,7 @@ Consolidation (`run_checkpoints.consolidated_state_dict`) reads the model file a
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from torch import nn
 from beitdist import run_checkpoints as ckpts
 from beitdist.engines.base import TrainEngine
 from beitdist.optim import build_adamw
+
+log = logging.getLogger(__name__)
 
 
 def _optim_shard_file(rank: int) -> str:
@@ -58,6 +61,9 @@ class FairscaleEngine(TrainEngine):
             for block in model.backbone.blocks:  # patches forward in place: parameter names stay the same
                 checkpoint_wrapper(block, offload_to_cpu=self.config.offload_activations)
         self.module = model
+        if self.config.compile:
+            model.compile()  # in place: names and state dict keys stay those of the eager model
+            log.info("model compiled (torch.compile, inductor); the first steps include compiling")
         if self.mode == "oss":
             from fairscale.nn.data_parallel import ShardedDataParallel
 

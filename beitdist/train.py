@@ -414,7 +414,8 @@ class Trainer:
         if self.rank == 0:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
                        "eval_history": self.eval_history, "final_dir": str(final_dir) if final_dir else None,
-                       "world_size": self.world, "images_per_step": self.recipe.global_batch,
+                       "world_size": self.world,
+                       "images_per_step": self.recipe.data.batch_size * self.recipe.engine.grad_accum * self.world,
                        "timing": self.timing}
             ckpts.write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,

@@ -143,7 +143,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from beitdist.engine import DistInfo
-    from beitdist.train import run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     context = ray.train.get_context()
@@ -158,6 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(clean)
 
     _record_worker(recipe.run_dir, dist_info.rank)
+    from beitdist.train import run  # after the record: its imports (DeepSpeed, data) count as set-up
+
     run(recipe, dist_info, reporter=report)
 
 

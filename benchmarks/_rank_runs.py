@@ -6,9 +6,10 @@ watching each rank from the outside.
 classification head on digits, 8x8 images upscaled to the image size, fp32, no augmentation). While
 it runs, a `Sampler` thread reads every rank's /proc/<pid>/status (VmRSS, VmHWM) and the run's
 progress file, so a benchmark can tell the training peak (VmHWM when the last step is done) from the
-peak of the whole run (evaluation, checkpoint save, rank 0 consolidating the fp32 weights), and can
-read rank 0's own timing of each step. `outcome()` judges the run from what rank 0 wrote, not from
-the exit code (torch's gloo teardown sometimes aborts after all work is done).
+peak of the whole run (evaluation, checkpoint save, rank 0 consolidating the fp32 weights).
+`outcome()` judges the run from what rank 0 wrote, not from the exit code (torch's gloo teardown
+sometimes aborts after all work is done), and returns rank 0's timing of each step
+(train_result.json's `timing`).
 
 glibc keeps freed heap memory in RSS, which would measure the allocator rather than the tensors;
 `environment()` therefore returns large allocations to the system at once (MALLOC_MMAP_THRESHOLD_ =

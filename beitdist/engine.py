@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from beitdist.deepspeed_import import import_deepspeed
 from beitdist.optim import OptimConfig
 from beitdist.schema import check
 
@@ -198,7 +199,7 @@ def init_distributed(dist_info: DistInfo, backend: str = "deepspeed") -> None:
     for a single process, so a lone process gets a private group of one. Only the deepspeed
     backend imports DeepSpeed (its communication layer wraps the same torch process group)."""
     if backend == "deepspeed":
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         if dist.is_initialized():
             deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -237,7 +238,7 @@ def _release_shm_buffer() -> None:
 def model_construction(engine: EngineConfig, ds_config: dict[str, Any]) -> Iterator[None]:
     """Build the model inside this: under ZeRO-3 parameters are partitioned as they are created."""
     if engine.backend == "deepspeed" and engine.stage == 3 and engine.zero_init:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if engine.resolved()["offload_params"] else None):
             yield
@@ -248,7 +249,7 @@ def model_construction(engine: EngineConfig, ds_config: dict[str, Any]) -> Itera
 def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy a full state dict into a model whose parameters may be ZeRO-3 partitioned, one
     parameter at a time (never the whole model gathered on one rank)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     for name, tensor in model.named_parameters():
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):

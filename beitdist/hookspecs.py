@@ -70,6 +70,13 @@ def beitdist_on_eval_end(context: TrainContext, step: int, metrics: dict[str, fl
 
 
 @hookspec
+def beitdist_on_checkpoint_start(context: TrainContext, step: int) -> None:
+    """Called on every rank before checkpoint step_`step` is written. A callback that buffers
+    records (metrics queued for a server, an open file) makes them durable here: a run resumed
+    from this checkpoint replays only the steps after it, so anything still buffered would be lost."""
+
+
+@hookspec
 def beitdist_on_checkpoint_saved(context: TrainContext, step: int, path: str) -> None:
     """Called on every rank after a checkpoint is completely written (every rank's shard) at `path`."""
 
@@ -82,5 +89,6 @@ def beitdist_on_train_end(context: TrainContext, step: int, metrics: dict[str, f
 
 
 REGISTRATION_HOOKS = ("beitdist_register_heads", "beitdist_register_tokenizers", "beitdist_register_datasets")
-EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_saved",
+EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_start",
+               "beitdist_on_checkpoint_saved",
                "beitdist_on_train_end")

@@ -234,6 +234,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 LAUNCH_FILE = "launch.json"
+WORKER_SETUP_HOOK = "beitdist.ray_worker_setup.quiet_ray_internals"
+"""Run first by every Ray worker process of the job (by its import path: importing beitdist's
+public API would cost every Ray process seconds of torch import)."""
 
 
 def _record_launch(run_dir: Path, record: dict[str, Any]) -> None:
@@ -252,7 +255,7 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
         check_reachable(address)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": env_vars}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK}
     try:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

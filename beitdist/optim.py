@@ -149,6 +149,9 @@ def build_adamw(groups: list[dict[str, Any]], config: OptimConfig, cpu_offload: 
     wrapped in fairscale's OSS when `sharded` (each rank keeps and steps its shard of the state)."""
     groups = optimizer_groups(groups)
     if cpu_offload:
+        from beitdist.deepspeed_import import import_deepspeed
+
+        import_deepspeed()
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=config.lr, betas=config.betas, eps=config.eps, adamw_mode=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from beitdist.deepspeed_import import import_deepspeed
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "beitdist_manifest.json"
@@ -379,6 +381,7 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     if checkpoint_backend(tag_dir) == "fairscale":
         module = torch.load(tag_dir / FAIRSCALE_MODEL, map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if any(tag_dir.glob("*optim_states.pt")):

@@ -14,10 +14,17 @@ Why it looks the way it does:
   turned into `tracking.uri` by the launcher, not read here.
 - Only `MlflowClient` is used, never the fluent `mlflow.start_run`: no process-global active run
   that a user's own MLflow code (or a second run in the same process) could collide with.
+- Every MLflow call runs on one background thread, in order (`beitdist.background`): creating a
+  sqlite store takes seconds and a server round trip tens of milliseconds, and the other ranks
+  would wait for rank 0 at the next collective. The hooks only queue work. A checkpoint about to
+  be written (`beitdist_on_checkpoint_start`) and the end of training wait until everything
+  before them is in the store, so a run restarted from a checkpoint never misses a step that came
+  before it. At interpreter exit (a crash) the queue gets `EXIT_DRAIN_S` seconds to finish.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -25,11 +32,13 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from beitdist.background import OrderedWorker
 from beitdist.hookspecs import hookimpl
 from beitdist.run_checkpoints import write_atomic
 
@@ -42,6 +51,7 @@ MLflow's default minutes of retries with backoff."""
 MARK_TAG = "beitdist.last_logged_step."
 MAX_KEY, MAX_PARAM_VALUE, PARAMS_PER_BATCH = 250, 6000, 100  # MLflow's limits
 PICTURES = 4
+EXIT_DRAIN_S = 30.0
 
 
 def setting(tracking: Any, name: str, default: Any) -> Any:
@@ -62,6 +72,38 @@ def resolve_uri(tracking: Any, run_dir: Path) -> tuple[str, str | None]:
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         return uri, (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return uri, None
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create a missing sqlite store whole or not at all: MLflow builds its tables and migrations
+    in place for seconds, and a run stopped meanwhile (Ctrl-C, a killed worker) would leave a
+    half-built database that every later open fails on. Build it in a temporary file beside it,
+    then rename (atomic); a store that appeared meanwhile wins."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    from mlflow import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # MLflow caches stores by URI: never reuse one
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{scratch}")
+        client.search_experiments()  # opening the store creates and migrates it
+        _dispose_sqlalchemy_engines(client)
+        if not path.exists():
+            os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _dispose_sqlalchemy_engines(client: Any) -> None:
+    """Close the scratch store's connections before it is renamed (MLflow caches its engine)."""
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = getattr(store, "engine", None)
+    if engine is not None:
+        engine.dispose()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -107,6 +149,11 @@ class Tracker:
         resumed = int(context.extras.get("resumed_step") or 0)
         self.floor = resumed if resumed > 0 else -1
         """Nothing at or before the step training resumed from is logged again."""
+        self.worker = OrderedWorker("beitdist-mlflow")
+
+    def submit(self, action: Callable[[], None]) -> None:
+        """Queue `action` for the MLflow thread, guarded (see `guarded`)."""
+        self.worker.submit(lambda: self.guarded(action))
 
     def guarded(self, action: Callable[[], None]) -> None:
         """Run `action` unless tracking is off; the first failure turns tracking off for good."""
@@ -127,6 +174,7 @@ class Tracker:
             os.environ.setdefault(name, value)
         run_dir = Path(self.context.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        create_sqlite_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment_id = self._experiment_id()
         run = self._existing_run(run_dir / RUN_ID_FILE)
@@ -192,8 +240,14 @@ class Tracker:
 
     # ------------------------------------------------------------ events
     def log_metrics(self, kind: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
-        """One `log_batch` per event. Steps up to the last one logged for `kind` are skipped (a
-        resumed run replays them); non-finite or non-numeric values are left out."""
+        """Queue one `log_batch` for this event (a copy of `metrics`: the caller may reuse it)."""
+        metrics, tags = dict(metrics), dict(tags or {})
+        self.worker.submit(lambda: self._log_metrics_now(kind, step, metrics, tags))
+
+    def _log_metrics_now(self, kind: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        """Steps up to the last one logged for `kind` are skipped (a resumed run replays them; the
+        marks are known once `start` has run, on this thread); non-finite or non-numeric values are
+        left out."""
         if not self.enabled or step <= max(self.marks.get(kind, -1), self.floor):
             return
         from mlflow.entities import Metric, RunTag
@@ -201,12 +255,18 @@ class Tracker:
         now = int(time.time() * 1000)
         values = [Metric(re.sub(r"[^\w\-. /]", "_", k)[:MAX_KEY], float(v), now, step) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        all_tags = [RunTag(MARK_TAG + kind, str(step))] + [RunTag(k, v) for k, v in (tags or {}).items()]
+        all_tags = [RunTag(MARK_TAG + kind, str(step))] + [RunTag(k, v) for k, v in tags.items()]
         self.guarded(lambda: self.client.log_batch(self.run_id, metrics=values, tags=all_tags))
         self.marks[kind] = step
 
     def finish(self, step: int, metrics: Mapping[str, Any], final_dir: str | Path | None) -> None:
+        """Queue the end of the run and wait for everything queued: the run is complete (or
+        tracking failed and said so) when training returns."""
         self.log_metrics("eval", step, metrics)  # already logged by the last evaluation: skipped
+        self.worker.submit(lambda: self._finish_now(final_dir))
+        self.worker.close()
+
+    def _finish_now(self, final_dir: str | Path | None) -> None:
         if final_dir is not None and Path(final_dir).is_dir():
             self.guarded(lambda: self.client.log_artifacts(self.run_id, str(final_dir), "final"))
         if self.enabled and setting(self.tracking, "log_images", True):
@@ -314,9 +374,25 @@ _active: Tracker | None = None
 
 
 def reset() -> None:
-    """Forget the tracker of this process (what a restarted process starts with); for tests."""
+    """Forget the tracker of this process (what a restarted process starts with), after its
+    queued calls have run; for tests."""
     global _active
+    if _active is not None:
+        _active.worker.close()
     _active = None
+
+
+def flush() -> None:
+    """Wait until this process's queued MLflow calls have run (tools and tests that read the store)."""
+    if _active is not None:
+        _active.worker.drain()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """A run that dies by an exception still gets its queued metrics written, within limits."""
+    if _active is not None and not _active.worker.close(EXIT_DRAIN_S):
+        log.warning("MLflow calls still queued after %.0f s at exit; the last ones are lost", EXIT_DRAIN_S)
 
 
 def _tracker(context: Any) -> Tracker | None:
@@ -328,14 +404,14 @@ def _tracker(context: Any) -> Tracker | None:
 @hookimpl
 def beitdist_on_train_start(context: Any) -> None:
     """Rank 0: open (or continue) the MLflow run, log params and the recipe."""
-    global _active
-    _active = None
+    reset()
     if context.rank != 0 or context.recipe is None:  # no recipe: not a beitdist run, nothing to log
         return
     if not setting(getattr(context.recipe, "tracking", None), "enabled", True):
         return
+    global _active
     _active = Tracker(context)
-    _active.guarded(_active.start)
+    _active.submit(_active.start)
 
 
 @hookimpl
@@ -355,6 +431,14 @@ def beitdist_on_checkpoint_saved(context: Any, step: int, path: str) -> None:
     if (tracker := _tracker(context)) is not None:
         tracker.log_metrics("checkpoint", step, {"last_checkpoint_step": step},
                             {"beitdist.last_checkpoint_step": str(step), "beitdist.last_checkpoint": str(path)})
+
+
+@hookimpl
+def beitdist_on_checkpoint_start(context: Any, step: int) -> None:
+    """A run resumed from this checkpoint replays only the steps after it: every step before it
+    must be in the store before the checkpoint exists."""
+    if (tracker := _tracker(context)) is not None:
+        tracker.worker.drain()
 
 
 @hookimpl

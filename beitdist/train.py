@@ -94,7 +94,7 @@ class Trainer:
         # wall-clock marks (epoch seconds) and the seconds of each loop iteration of this attempt
         # without its evaluation and checkpoint: start-up vs per-step framework overhead
         # (benchmarks/launch_overhead.py, benchmarks/zero_scaling.py)
-        self.timing: dict[str, Any] = {"started_at": time.time(), "iteration_s": []}
+        self.timing: dict[str, Any] = {"started_at": time.time(), "iteration_s": [], "data_s": []}
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -209,9 +209,11 @@ class Trainer:
         _seed_everything(self.recipe.seed, self.step, self.rank)
         accum = self.recipe.engine.grad_accum
         done, bad, losses, images, start = 0, 0, [], 0, time.perf_counter()
-        grad_norm = None
+        grad_norm, data_s = None, 0.0
         while done < accum:
+            fetch_start = time.perf_counter()
             batch = self._prepare(next(batches))
+            data_s += time.perf_counter() - fetch_start
             if self.rank == 0 and "sample_batch" not in self.context.extras:
                 self.context.extras["sample_batch"] = _sample(batch)
             out = self._forward(batch)
@@ -237,8 +239,10 @@ class Trainer:
         self.step += 1
         loss_value = float(np.mean(losses))
         self.losses.append(loss_value)
+        # data_s: what the step waited for its input (loading, augmentation, copy to the device, and
+        # the tokenizer for MIM): near zero when the loader keeps up, the first thing to look at when not
         return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                "images_per_s": images / (time.perf_counter() - start)}
+                "images_per_s": images / (time.perf_counter() - start), "data_s": data_s}
 
     def evaluate(self) -> dict[str, float]:
         from beitdist.heads.segmentation_eval import slide_inference
@@ -292,6 +296,7 @@ class Trainer:
         the save is ended by the launcher (torchrun, Ray) when this one exits."""
         tag = f"step_{self.step}"
         path = self.ckpt_dir / tag
+        plugins.emit("beitdist_on_checkpoint_start", context=self.context, step=self.step)
         try:
             if self.rank == 0:
                 ckpts.discard_checkpoint(self.ckpt_dir, tag)  # a leftover from a crashed save of this step
@@ -403,6 +408,7 @@ class Trainer:
             if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)
             self.timing["iteration_s"].append(time.perf_counter() - iteration_start - side_s)
+            self.timing["data_s"].append(step_metrics["data_s"])
             if stopping and not last:
                 log.info("stopping at step %d as asked (train.stop_at); the next launch resumes here", self.step)
                 dist.barrier()

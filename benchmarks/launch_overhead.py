@@ -139,6 +139,7 @@ def report(args: argparse.Namespace, popen_at: float, records: dict[str, Any], b
     timing = result["timing"]
     iterations = timing["iteration_s"][args.skip:]
     e2e = result["images_per_step"] / statistics.median(iterations)
+    data_wait = statistics.median(timing.get("data_s", [])[args.skip:] or [0.0])
     bare_total = sum(bare)
     phases = {
         "CLI start-up and recipe checks": launch["started_at"] - popen_at,
@@ -152,7 +153,7 @@ def report(args: argparse.Namespace, popen_at: float, records: dict[str, Any], b
         "num_workers": launch["num_workers"], "global_batch": result["images_per_step"], "phases_s": phases,
         "first_step_s": timing["first_step_done_at"] - popen_at,
         "first_step_after_ray_s": timing["first_step_done_at"] - launch["ray_ready_at"],
-        "e2e_images_per_s": e2e, "median_iteration_s": statistics.median(iterations),
+        "e2e_images_per_s": e2e, "median_iteration_s": statistics.median(iterations), "median_data_s": data_wait,
         "bare_images_per_s_per_rank": bare, "bare_images_per_s": bare_total, "overhead": 1 - e2e / bare_total,
         "bare_allreduce_images_per_s": sum(reduced), "overhead_beyond_allreduce": 1 - e2e / sum(reduced),
     }
@@ -164,6 +165,8 @@ def report(args: argparse.Namespace, popen_at: float, records: dict[str, Any], b
     print(f"steady state: {e2e:.1f} img/s end to end vs {bare_total:.1f} img/s bare "
           f"({' + '.join(f'{r:.1f}' for r in bare)}): overhead {100 * out['overhead']:.1f}% "
           f"(target <= {100 * TARGET_OVERHEAD:.0f}%)")
+    print(f"  rank 0 waited {1000 * data_wait:.1f} ms of its {1000 * out['median_iteration_s']:.1f} ms iterations "
+          f"for its input (median; `data_s` in train_result.json)")
     print(f"  bare with the gradients all-reduced (gloo, one flat buffer): {sum(reduced):.1f} img/s; the framework "
           f"beyond that: {100 * out['overhead_beyond_allreduce']:.1f}%")
     return out

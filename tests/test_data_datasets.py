@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,17 @@ def test_plugins_honour_the_contract():
 
 
 # ------------------------------------------------------------------------------------- digits
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """The CSV scikit-learn ships, read directly (importing scikit-learn costs every rank a
+    second): the same arrays as `load_digits()`, and no scikit-learn module imported."""
+    code = ("import sys; from beitdist.data.datasets import load_digits_arrays; images, labels = load_digits_arrays(); "
+            "assert not any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules); "
+            "from sklearn.datasets import load_digits; d = load_digits(); import numpy as np; "
+            "print(np.array_equal(images, d.images), np.array_equal(labels, d.target), images.dtype, labels.dtype)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "True", "float64", "int64"], done.stderr[-2000:]
+
+
 def test_digits_split_sizes_and_stratification():
     train = Digits.build(DigitsOptions(), "train")
     val = Digits.build(DigitsOptions(), "val")

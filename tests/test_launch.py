@@ -63,6 +63,9 @@ def test_launch_two_ray_workers_end_to_end_interrupted_and_resumed(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "workers        2 x CPU" in again.stdout and f"finished launched at step {STEPS}" in again.stdout
     assert "resumed from step_" in again.stdout + again.stderr
+    # Ray's and DeepSpeed's noise that reads like a failure is kept out (beitdist.ray_worker_setup)
+    for noise in ("Failed to query Ray Train Controller", "all_gather_into_tensor` is deprecated"):
+        assert noise not in again.stdout + again.stderr + output, noise
     result = json.loads((run_dir / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == STEPS
     assert (run_dir / "final/model.safetensors").exists()
@@ -150,3 +153,21 @@ def test_worker_failures_are_unwrapped_into_one_line_with_the_right_exit_code(tm
     assert "no checkpoint was written" in str(failed)
     crash = _run_failed(recipe, WorkerGroupError("snippet", {0: MemoryError("out of memory")}), max_failures=0)
     assert crash.exit_code == 1 and "MemoryError: out of memory" in str(crash)
+
+
+def test_ray_worker_setup_hook_is_light_and_quiets_only_the_noise():
+    """The hook Ray runs first in every process of a launch: importable without torch (most of
+    those processes never train), and it quiets exactly the listed loggers and warning."""
+    from beitdist.launcher import WORKER_SETUP_HOOK
+
+    module, _, function = WORKER_SETUP_HOOK.rpartition(".")
+    probe = (f"import sys, logging, warnings; import {module} as m; assert 'torch' not in sys.modules, 'torch imported'; "
+             f"m.{function}(); "
+             "assert logging.getLogger('ray.train.v2._internal.execution.controller.placement_group_cleaner')"
+             ".getEffectiveLevel() == logging.ERROR; "
+             "assert logging.getLogger('ray.train').getEffectiveLevel() == logging.WARNING; "
+             "warnings.warn('`torch.distributed.all_gather_into_tensor` is deprecated', FutureWarning); "
+             "print('ok')")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -140,6 +140,10 @@ class Recorder:
         self.calls.append(("eval_end", step, metrics["top1"]))
 
     @beitdist.hookimpl
+    def beitdist_on_checkpoint_start(self, context, step):
+        self.calls.append(("checkpoint_start", step))
+
+    @beitdist.hookimpl
     def beitdist_on_checkpoint_saved(self, context, step, path):
         self.calls.append(("checkpoint_saved", step, path))
 
@@ -167,6 +171,12 @@ def test_beitdist_on_eval_end(recorder):
     rec, context = recorder
     plugins.emit("beitdist_on_eval_end", context=context, step=10, metrics={"top1": 0.9})
     assert rec.calls == [("eval_end", 10, 0.9)]
+
+
+def test_beitdist_on_checkpoint_start(recorder):
+    rec, context = recorder
+    plugins.emit("beitdist_on_checkpoint_start", context=context, step=10)
+    assert rec.calls == [("checkpoint_start", 10)]
 
 
 def test_beitdist_on_checkpoint_saved(recorder):

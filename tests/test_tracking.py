@@ -141,9 +141,10 @@ def test_one_run_params_metrics_artifacts(emit, tmp_path, monkeypatch):
     emit("beitdist_on_train_start", context=ctx)
     _steps(emit, ctx, range(1, 5))
     emit("beitdist_on_eval_end", context=ctx, step=4, metrics={"val_loss": 0.5, "val_accuracy": 0.25})
+    emit("beitdist_on_checkpoint_start", context=ctx, step=4)
     emit("beitdist_on_checkpoint_saved", context=ctx, step=4, path=str(run_dir / "checkpoints" / "step_4"))
     final = run_dir / "final"
-    final.mkdir()
+    final.mkdir(exist_ok=True, parents=True)
     (final / "model.safetensors").write_bytes(b"weights")
     emit("beitdist_on_train_end", context=ctx, step=4, metrics={"val_loss": 0.5}, final_dir=final)
 
@@ -175,6 +176,7 @@ def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, 
     first = _context(run_dir)
     emit("beitdist_on_train_start", context=first)
     _steps(emit, first, range(1, 7))
+    emit("beitdist_on_checkpoint_start", context=first, step=4)
     emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
     run_id = (run_dir / "mlflow_run_id").read_text()
 
@@ -182,6 +184,7 @@ def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, 
     again = _context(run_dir, resumed=4, steps=10)  # and the recipe changed meanwhile
     with caplog.at_level(logging.WARNING, logger="beitdist.tracking"):
         emit("beitdist_on_train_start", context=again)
+        tracking.flush()  # the MLflow calls run on the tracker's thread
     assert "train.steps" in caplog.text
     _steps(emit, again, range(5, 11))
     emit("beitdist_on_eval_end", context=again, step=10, metrics={"val_loss": 0.1})
@@ -193,6 +196,36 @@ def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, 
     assert _history(client, run_id, "loss") == list(range(1, 11))
     assert run.data.params["train.steps"] == "8"  # params are write-once
     assert (run_dir / "mlflow_run_id").read_text() == run_id
+
+
+def test_hooks_queue_mlflow_calls_and_checkpoints_wait_for_them(emit, tmp_path, monkeypatch, empty_store):
+    """The training loop does not wait for MLflow: a store that takes 1.5 s to open costs the
+    start and step hooks nothing; a checkpoint about to be written waits until every step before it is logged
+    (a restart from it must not miss one); the end of training waits for the run to finish."""
+    slow_start = tracking.Tracker.start
+
+    def start(self):
+        time.sleep(1.5)
+        slow_start(self)
+
+    monkeypatch.setattr(tracking.Tracker, "start", start)
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    ctx = _context(run_dir)
+    began = time.monotonic()
+    emit("beitdist_on_train_start", context=ctx)
+    _steps(emit, ctx, range(1, 4))
+    assert time.monotonic() - began < 0.5
+    assert not (run_dir / "mlflow_run_id").exists()  # still opening the store
+    emit("beitdist_on_checkpoint_start", context=ctx, step=3)
+    client = _client(run_dir)
+    (run,) = _runs(client)
+    assert _history(client, run.info.run_id, "loss") == [1, 2, 3] and run.info.status == "RUNNING"
+    emit("beitdist_on_checkpoint_saved", context=ctx, step=3, path="ckpt3")
+    _steps(emit, ctx, [4])
+    emit("beitdist_on_train_end", context=ctx, step=4, metrics={}, final_dir=None)
+    (run,) = _runs(client)
+    assert _history(client, run.info.run_id, "loss") == [1, 2, 3, 4] and run.info.status == "FINISHED"
+    assert tracking._active is None
 
 
 @pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])
@@ -207,6 +240,7 @@ def test_rank_1_and_disabled_tracking_log_nothing(emit, tmp_path, case):
     emit("beitdist_on_train_start", context=ctx)
     _steps(emit, ctx, [1])
     emit("beitdist_on_eval_end", context=ctx, step=1, metrics={"val_loss": 1.0})
+    emit("beitdist_on_checkpoint_start", context=ctx, step=1)
     emit("beitdist_on_checkpoint_saved", context=ctx, step=1, path="x")
     emit("beitdist_on_train_end", context=ctx, step=1, metrics={}, final_dir=None)
     assert not run_dir.exists() and tracking._active is None
@@ -223,6 +257,7 @@ def test_unreachable_server_warns_once_and_training_goes_on(emit, tmp_path, capl
         emit("beitdist_on_train_start", context=ctx)
         _steps(emit, ctx, range(1, 4))
         emit("beitdist_on_eval_end", context=ctx, step=3, metrics={"val_loss": 1.0})
+        emit("beitdist_on_checkpoint_start", context=ctx, step=3)
         emit("beitdist_on_checkpoint_saved", context=ctx, step=3, path="x")
         emit("beitdist_on_train_end", context=ctx, step=3, metrics={}, final_dir=None)
     assert time.monotonic() - start < 10
@@ -280,7 +315,7 @@ def test_logging_through_a_real_mlflow_server(emit, tmp_path):
         _steps(emit, ctx, range(1, 4))
         emit("beitdist_on_eval_end", context=ctx, step=3, metrics={"val_loss": 0.3})
         final = run_dir / "final"
-        final.mkdir()
+        final.mkdir(parents=True)  # the run dir may not exist yet: the tracker makes it on its own thread
         (final / "config.json").write_text("{}")
         emit("beitdist_on_train_end", context=ctx, step=3, metrics={}, final_dir=final)
         assert tracking._active is None
@@ -299,3 +334,25 @@ def test_logging_through_a_real_mlflow_server(emit, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """MLflow builds a new store in place for seconds; a run stopped meanwhile must not leave a
+    half-built database behind (every later open would fail on it)."""
+    import mlflow
+
+    db = tmp_path / "run" / "mlflow.db"
+    real_search = mlflow.MlflowClient.search_experiments
+
+    def interrupted(self, *args, **kwargs):
+        real_search(self, *args, **kwargs)  # the scratch store exists and is migrated...
+        raise KeyboardInterrupt  # ...when the run is stopped
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.create_sqlite_store(f"sqlite:///{db}")
+    assert list(db.parent.iterdir()) == []
+    monkeypatch.setattr(mlflow.MlflowClient, "search_experiments", real_search)
+    tracking.create_sqlite_store(f"sqlite:///{db}")
+    assert [p.name for p in db.parent.iterdir()] == ["mlflow.db"]
+    assert [e.name for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()] == ["Default"]

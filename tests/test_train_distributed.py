@@ -7,6 +7,7 @@ Each run is a real `beitdist train` process tree; results are read from the run 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert timing["first_timed_step"] == 4 and len(timing["iteration_s"]) == 3
     assert timing["started_at"] <= timing["setup_done_at"] <= timing["first_step_done_at"]
     assert all(0 < s < 60 for s in timing["iteration_s"]) and again["images_per_step"] == 16
+    assert len(timing["data_s"]) == 3 and all(0 < d < s for d, s in zip(timing["data_s"], timing["iteration_s"]))
     a, b = final_weights(base, tmp_path), final_weights(resumed, tmp_path)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
@@ -87,15 +89,19 @@ def test_checkpoint_resumes_at_another_world_size_with_the_same_global_batch(tmp
     through a universal checkpoint, ZeRO-0 directly: its optimizer state is not sharded); with scaling.global_batch_size pinned, gradient accumulation makes up the
     difference (16 = 8 x 1 x 2 = 8 x 2 x 1), the sampler hands out the same 16 samples per step,
     and the final weights equal those of an uninterrupted run on `first` ranks. Drop path is off:
-    its randomness is drawn per rank and would differ by construction."""
+    its randomness is drawn per rank and would differ by construction. The elastic run starts
+    from a copy of the uninterrupted run's step-3 checkpoint (what a run stopped there leaves:
+    stopping itself is tested by test_resume_equals_uninterrupted_run), one launch less."""
     base = merge(TINY_RECIPE, {"model": {"backbone": {"drop_path_rate": 0.0}}, "engine": {"zero_stage": stage},
                                "scaling": {"global_batch_size": 16}, "train": {"steps": 6}})
-    whole = merge(base, {"name": "whole"})
+    whole = merge(base, {"name": "whole", "train": {"checkpoint_every": 3, "keep_checkpoints": 2}})
     out = run_recipe(whole, tmp_path, nproc=first)
     assert f"global batch 16 = 8 per rank x {2 // first} accumulation x {first} ranks" in out.stderr
-    elastic = merge(base, {"name": "elastic", "train": {"stop_at": 3}})
-    run_recipe(elastic, tmp_path, nproc=first)
-    out = run_recipe(merge(elastic, {"train": {"stop_at": 0}}), tmp_path, nproc=second)
+    elastic = merge(base, {"name": "elastic"})
+    checkpoints = tmp_path / "runs/elastic/checkpoints"
+    shutil.copytree(tmp_path / "runs/whole/checkpoints/step_3", checkpoints / "step_3")
+    (checkpoints / "latest").write_text("step_3")
+    out = run_recipe(elastic, tmp_path, nproc=second)
     if stage:
         assert f"saved by {first} ranks, resuming on {second}" in out.stderr
     assert f"resumed from step_3{'_universal' if stage else ''} at step 3" in out.stderr

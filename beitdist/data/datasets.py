@@ -9,6 +9,7 @@ listed when the dataset is built (so a wrong path fails at once, naming it) but 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -60,6 +61,9 @@ class DigitsDataset(ImageDataset):
                  transform: Callable[..., Any] | None = None) -> None:
         super().__init__(transform)
         self.images, self.labels, self.indices = images, labels, indices
+        # converted once (345 KB): per sample, the conversion cost as much as the augmentation
+        grey = np.round(np.asarray(images) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        self._rgb = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -69,8 +73,7 @@ class DigitsDataset(ImageDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         i = int(self.indices[index])
-        grey = np.round(self.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+        image = Image.fromarray(self._rgb[i])
         return image, check_label(int(self.labels[i]), self.num_classes, self.describe(index))
 
 
@@ -88,13 +91,22 @@ class DigitsOptions:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_digits() -> Any:
-    """scikit-learn parses its bundled CSV on every call; the train and val splits share one load."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ValueError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)") from err
-    return load_digits()
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images (1797, 8, 8) float64 in 0..16 and labels (1797,)
+    int64, exactly `sklearn.datasets.load_digits()`'s. Read straight from the CSV scikit-learn
+    ships, found without importing scikit-learn: that import costs every rank a second or more
+    before its first step, for a 12 KB file. Cached: the train and val splits share one read."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ValueError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)")
+    csv = Path(next(iter(spec.submodule_search_locations or [""]), "")) / "datasets" / "data" / "digits.csv.gz"
+    if csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # another scikit-learn layout: its own loader
+
+    digits = load_digits()
+    return digits.images, digits.target
 
 
 class Digits(DatasetPlugin):
@@ -105,9 +117,9 @@ class Digits(DatasetPlugin):
 
     @classmethod
     def build(cls, options: DigitsOptions, split: str, transform: Callable[..., Any] | None = None) -> DigitsDataset:
-        data = _load_digits()
-        train, val = stratified_split(data.target, options.val_fraction, options.seed, options.train_fraction)
-        return DigitsDataset(data.images, data.target, train if split == "train" else val, transform)
+        images, labels = load_digits_arrays()
+        train, val = stratified_split(labels, options.val_fraction, options.seed, options.train_fraction)
+        return DigitsDataset(images, labels, train if split == "train" else val, transform)
 
 
 # --------------------------------------------------------------------------------- image folder

@@ -10,6 +10,7 @@ draw for draw.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -36,8 +37,9 @@ INTERPOLATION = {
 def sample_rngs(seed: int, epoch: int, index: int, count: int = 2) -> list[np.random.Generator]:
     """Independent generators for one sample in one epoch (augmentation, mask, ...): a pure function
     of (seed, epoch, index), never of the worker that happens to load the sample."""
-    children = np.random.SeedSequence([int(seed), int(epoch), int(index)]).spawn(count)
-    return [np.random.default_rng(child) for child in children]
+    # = SeedSequence(entropy).spawn(count) child by child, without building the parent (same streams)
+    entropy = [int(seed), int(epoch), int(index)]
+    return [np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy, spawn_key=(i,)))) for i in range(count)]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -47,9 +49,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def normalize(t: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.as_tensor(mean, dtype=t.dtype).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=t.dtype).view(-1, 1, 1)
+    mean_t, std_t = _channel_constants(tuple(mean), tuple(std), t.dtype)
     return (t - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 1, 1) tensors, made once per normalisation instead of twice per sample."""
+    return (torch.tensor(mean, dtype=dtype).view(-1, 1, 1), torch.tensor(std, dtype=dtype).view(-1, 1, 1))
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

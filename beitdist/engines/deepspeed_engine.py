@@ -19,6 +19,7 @@ from torch import nn
 
 from beitdist import engine as eng
 from beitdist import run_checkpoints as ckpts
+from beitdist.deepspeed_import import import_deepspeed
 from beitdist.engines.base import TrainEngine
 from beitdist.optim import build_adamw
 
@@ -55,8 +56,7 @@ class DeepSpeedEngine(TrainEngine):
         eng.load_weights_into(model, state)
 
     def build(self, model: nn.Module, groups: list[dict[str, Any]]) -> None:
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         optimizer = build_adamw(groups, self.optim, cpu_offload=self.config.resolved()["offload_optimizer"])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = self.engine.module

@@ -181,14 +181,15 @@ def image_files(directory: str | os.PathLike) -> list[Path]:
 def load_digits_images(input_size: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (shipped with it, no download) as RGB images (N, 3, S, S) in
     [0, 1], bilinearly upsampled, and their labels: a real, tiny, offline image set."""
+    from beitdist.data.datasets import load_digits_arrays
+
     try:
-        from sklearn.datasets import load_digits
-    except ImportError:
+        digit_images, digit_labels = load_digits_arrays()
+    except ValueError:
         raise ValueError("--images digits needs scikit-learn (pip install scikit-learn)") from None
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images[:limit].astype(np.float32) / 16.0)[:, None]
+    pixels = torch.from_numpy(digit_images[:limit].astype(np.float32) / 16.0)[:, None]
     images = F.interpolate(pixels, size=(input_size, input_size), mode="bilinear", align_corners=False)
-    return images.clamp_(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(digits.target[:limit])
+    return images.clamp_(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(digit_labels[:limit])
 
 
 def _open_images(files: list[Path]) -> Iterator[Any]:

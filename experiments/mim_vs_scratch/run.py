@@ -99,13 +99,13 @@ def export_train_images(out: Path) -> int:
     import numpy as np
     from PIL import Image
 
-    from beitdist.data.datasets import _load_digits, stratified_split
+    from beitdist.data.datasets import load_digits_arrays, stratified_split
 
-    data = _load_digits()
-    train, _ = stratified_split(data.target, SPLIT["val_fraction"], SPLIT["seed"])
+    images, labels = load_digits_arrays()
+    train, _ = stratified_split(labels, SPLIT["val_fraction"], SPLIT["seed"])
     out.mkdir(parents=True, exist_ok=True)
     for i in train:
-        grey = np.round(data.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        grey = np.round(images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(out / f"{int(i):04d}.png")
     return len(train)
 
@@ -252,10 +252,10 @@ def position_prior(run: Run) -> dict[str, float]:
 
 
 def labelled_count(fraction: float) -> int:
-    from beitdist.data.datasets import _load_digits, stratified_split
+    from beitdist.data.datasets import load_digits_arrays, stratified_split
 
-    data = _load_digits()
-    return len(stratified_split(data.target, SPLIT["val_fraction"], SPLIT["seed"], fraction)[0])
+    _, labels = load_digits_arrays()
+    return len(stratified_split(labels, SPLIT["val_fraction"], SPLIT["seed"], fraction)[0])
 
 
 def write_table(summary: dict[str, Any], args: argparse.Namespace, path: Path) -> None:

@@ -1,0 +1,49 @@
+"""beitdist.background.OrderedWorker: calls run in order on one thread, drain/close wait for them,
+a failing call does not stop the ones after it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from beitdist.background import OrderedWorker
+
+
+def test_calls_run_in_order_on_one_other_thread_and_drain_waits():
+    worker = OrderedWorker("test-worker")
+    seen, threads = [], set()
+
+    def call(i):
+        time.sleep(0.01 if i % 2 else 0)
+        seen.append(i)
+        threads.add(threading.current_thread().name)
+
+    for i in range(10):
+        worker.submit(lambda i=i: call(i))
+    assert worker.drain(timeout=10)
+    assert seen == list(range(10)) and threads == {"test-worker"}
+    assert worker.close(timeout=10)
+
+
+def test_a_failing_call_is_logged_and_the_next_ones_run(caplog):
+    worker = OrderedWorker("test-worker")
+    seen = []
+    worker.submit(lambda: 1 / 0)
+    worker.submit(lambda: seen.append("after"))
+    assert worker.close(timeout=10)
+    assert seen == ["after"] and "ZeroDivisionError" in caplog.text
+    with pytest.raises(RuntimeError, match="submit after close"):
+        worker.submit(lambda: None)
+
+
+def test_drain_and_close_time_out_on_a_stuck_call():
+    worker = OrderedWorker("test-worker")
+    release = threading.Event()
+    worker.submit(release.wait)
+    assert not worker.drain(timeout=0.1)
+    assert not worker.close(timeout=0.1)
+    release.set()
+    worker._thread.join(10)
+    assert not worker._thread.is_alive()

@@ -21,34 +21,41 @@ _STOP = object()
 
 class OrderedWorker:
     """A daemon thread consuming a FIFO of zero-argument calls. A call that raises is logged
-    (the submitter decides what failures mean by wrapping its calls) and the thread goes on."""
+    (the submitter decides what failures mean by wrapping its calls) and the thread goes on: it
+    ends only at `close`, so a waiting `drain` is always answered."""
 
     def __init__(self, name: str) -> None:
         self._calls: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._lock = threading.Lock()  # `_closed` and what is put on the queue change together
         self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, call: Callable[[], None]) -> None:
-        if self._closed:
-            raise RuntimeError(f"{self._thread.name}: submit after close")
-        self._calls.put(call)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._thread.name}: submit after close")
+            self._calls.put(call)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every call submitted so far has run; False when `timeout` ran out first."""
-        if not self._thread.is_alive():
-            return self._calls.empty()
         done = threading.Event()
-        self._calls.put(done.set)
-        return done.wait(timeout)
+        with self._lock:
+            queued = not self._closed
+            if queued:
+                self._calls.put(done.set)
+        if queued:
+            return done.wait(timeout)
+        self._thread.join(timeout)  # closed: the thread runs what is queued, then ends
+        return not self._thread.is_alive()
 
     def close(self, timeout: float | None = None) -> bool:
         """Run what is queued, then end the thread; False when `timeout` ran out first (the
         daemon thread is then left to finish or die with the process)."""
-        if self._closed:
-            return not self._thread.is_alive()
-        self._closed = True
-        self._calls.put(_STOP)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._calls.put(_STOP)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -59,5 +66,5 @@ class OrderedWorker:
                 return
             try:
                 call()
-            except Exception:  # the submitter's wrapper reports its own failures; this is a last resort
+            except BaseException:  # noqa: BLE001 -- the thread must outlive any call (see the class docstring)
                 log.exception("%s: a background call failed", self._thread.name)

@@ -61,7 +61,7 @@ def beitdist_on_train_start(context: TrainContext) -> None:
 @hookspec
 def beitdist_on_step_end(context: TrainContext, step: int, metrics: dict[str, Any]) -> None:
     """Called on every rank after each optimizer step; `metrics` holds this step's loss, lr,
-    grad norm and images/s (rank-local values)."""
+    grad norm, images/s and data_s (seconds it waited for its input; rank-local values)."""
 
 
 @hookspec
@@ -82,6 +82,14 @@ def beitdist_on_checkpoint_saved(context: TrainContext, step: int, path: str) ->
 
 
 @hookspec
+def beitdist_on_train_failed(context: TrainContext, step: int, error: BaseException) -> None:
+    """Called on every rank whose training loop stops with an exception (after set-up; also
+    Ctrl-C under torchrun), before the exception propagates. Callbacks that buffer records write
+    them here and may mark their run failed; they must not raise. Not called for a process that
+    is killed (SIGKILL, a Ray restart): a restart resumes from the last checkpoint and replays."""
+
+
+@hookspec
 def beitdist_on_train_end(context: TrainContext, step: int, metrics: dict[str, float], final_dir: str | None) -> None:
     """Called on every rank once the last step is done and checkpointed, with the last evaluation's
     metrics; `final_dir` (rank 0 only, else None) holds the consolidated fp32 weights, loadable
@@ -90,5 +98,5 @@ def beitdist_on_train_end(context: TrainContext, step: int, metrics: dict[str, f
 
 REGISTRATION_HOOKS = ("beitdist_register_heads", "beitdist_register_tokenizers", "beitdist_register_datasets")
 EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_start",
-               "beitdist_on_checkpoint_saved",
+               "beitdist_on_checkpoint_saved", "beitdist_on_train_failed",
                "beitdist_on_train_end")

@@ -1,6 +1,6 @@
 """What every Ray worker process of a launch runs first (runtime_env `worker_process_setup_hook`).
 
-Why: a launch prints the output of every Ray process. Two sources of it are noise a user can do
+Why: a launch prints the output of every Ray process. Three sources of it are noise a user can do
 nothing about and that reads like a failure:
 - Ray Train 2.x's PlacementGroupCleaner asks the State API every second whether the controller is
   alive; the State API lives in Ray's dashboard, which a plain `ray` install (beitdist's

@@ -19,7 +19,10 @@ Why it looks the way it does:
   would wait for rank 0 at the next collective. The hooks only queue work. A checkpoint about to
   be written (`beitdist_on_checkpoint_start`) and the end of training wait until everything
   before them is in the store, so a run restarted from a checkpoint never misses a step that came
-  before it. At interpreter exit (a crash) the queue gets `EXIT_DRAIN_S` seconds to finish.
+  before it. A run that fails with an exception (`beitdist_on_train_failed`) gets
+  `EXIT_DRAIN_S` seconds to write what is queued, then its MLflow run is marked FAILED. A process
+  that exits without ending its run gets the same time at exit. A process killed outright
+  (SIGKILL, `ray.kill`) loses what it queued since its last checkpoint; its restart replays that.
 """
 
 from __future__ import annotations
@@ -78,9 +81,9 @@ def create_sqlite_store(uri: str) -> None:
     """Create a missing sqlite store whole or not at all: MLflow builds its tables and migrations
     in place for seconds, and a run stopped meanwhile (Ctrl-C, a killed worker) would leave a
     half-built database that every later open fails on. Build it in a temporary file beside it,
-    then rename (atomic); a store that appeared meanwhile wins."""
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
-        return
+    then link it into place (atomic); a store that appeared meanwhile wins."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:" or "?" in uri:
+        return  # not a plain local file (a query string carries driver options): MLflow makes it
     path = Path(uri.removeprefix("sqlite:///"))
     if path.exists():
         return
@@ -92,8 +95,10 @@ def create_sqlite_store(uri: str) -> None:
         client = MlflowClient(tracking_uri=f"sqlite:///{scratch}")
         client.search_experiments()  # opening the store creates and migrates it
         _dispose_sqlalchemy_engines(client)
-        if not path.exists():
-            os.replace(scratch, path)
+        try:
+            os.link(scratch, path)  # atomic, and never over a store another run made meanwhile
+        except FileExistsError:
+            pass
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -431,6 +436,7 @@ def beitdist_on_checkpoint_saved(context: Any, step: int, path: str) -> None:
     if (tracker := _tracker(context)) is not None:
         tracker.log_metrics("checkpoint", step, {"last_checkpoint_step": step},
                             {"beitdist.last_checkpoint_step": str(step), "beitdist.last_checkpoint": str(path)})
+        tracker.worker.drain()  # one write; a run stopped here (train.stop_at) keeps the record
 
 
 @hookimpl
@@ -439,6 +445,18 @@ def beitdist_on_checkpoint_start(context: Any, step: int) -> None:
     must be in the store before the checkpoint exists."""
     if (tracker := _tracker(context)) is not None:
         tracker.worker.drain()
+
+
+@hookimpl
+def beitdist_on_train_failed(context: Any, step: int, error: BaseException) -> None:
+    """Rank 0: what is queued is written (within `EXIT_DRAIN_S`), then the run is FAILED (a
+    restart sets it RUNNING again)."""
+    global _active
+    if (tracker := _tracker(context)) is not None:
+        tracker.worker.submit(lambda: tracker.guarded(lambda: tracker.client.set_terminated(tracker.run_id, "FAILED")))
+        if not tracker.worker.close(EXIT_DRAIN_S):
+            log.warning("MLflow calls still queued %.0f s after the failure; the last ones are lost", EXIT_DRAIN_S)
+        _active = None
 
 
 @hookimpl

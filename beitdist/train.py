@@ -367,11 +367,26 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.setup()
-        train = self.recipe.train
         finished = self._finished_result()
         if finished is not None:
             return finished
         plugins.emit("beitdist_on_train_start", context=self.context)
+        try:
+            return self._train()
+        except BaseException as err:
+            self._report_failure(err)
+            raise
+
+    def _report_failure(self, error: BaseException) -> None:
+        """`beitdist_on_train_failed` (callbacks write what they buffered), without letting a
+        failing callback hide the error that stopped training."""
+        try:
+            plugins.emit("beitdist_on_train_failed", context=self.context, step=self.step, error=error)
+        except Exception:
+            log.exception("a beitdist_on_train_failed callback failed; the training error follows")
+
+    def _train(self) -> TrainResult:
+        train = self.recipe.train
         batches = self._batches()
         metrics: dict[str, float] = {}
         checkpoint = None

@@ -47,3 +47,20 @@ def test_drain_and_close_time_out_on_a_stuck_call():
     release.set()
     worker._thread.join(10)
     assert not worker._thread.is_alive()
+
+
+def test_drain_after_close_waits_for_the_queue_and_a_base_exception_does_not_end_the_thread():
+    worker = OrderedWorker("test-worker")
+    seen = []
+    release = threading.Event()
+    worker.submit(release.wait)
+
+    def exits():
+        raise SystemExit(3)
+
+    worker.submit(exits)
+    worker.submit(lambda: seen.append("after"))
+    assert not worker.close(timeout=0.05)  # still blocked in the first call
+    assert not worker.drain(timeout=0.05)
+    release.set()
+    assert worker.drain(timeout=10) and seen == ["after"]

@@ -140,6 +140,10 @@ class Recorder:
         self.calls.append(("eval_end", step, metrics["top1"]))
 
     @beitdist.hookimpl
+    def beitdist_on_train_failed(self, context, step, error):
+        self.calls.append(("train_failed", step, type(error).__name__))
+
+    @beitdist.hookimpl
     def beitdist_on_checkpoint_start(self, context, step):
         self.calls.append(("checkpoint_start", step))
 
@@ -171,6 +175,12 @@ def test_beitdist_on_eval_end(recorder):
     rec, context = recorder
     plugins.emit("beitdist_on_eval_end", context=context, step=10, metrics={"top1": 0.9})
     assert rec.calls == [("eval_end", 10, 0.9)]
+
+
+def test_beitdist_on_train_failed(recorder):
+    rec, context = recorder
+    plugins.emit("beitdist_on_train_failed", context=context, step=7, error=RuntimeError("boom"))
+    assert rec.calls == [("train_failed", 7, "RuntimeError")]
 
 
 def test_beitdist_on_checkpoint_start(recorder):

@@ -228,6 +228,24 @@ def test_hooks_queue_mlflow_calls_and_checkpoints_wait_for_them(emit, tmp_path, 
     assert tracking._active is None
 
 
+def test_a_failed_run_writes_its_queue_and_is_marked_failed(emit, tmp_path, empty_store):
+    """A training loop that raises: what was queued is written, the run is FAILED; a restart
+    (the same run dir) sets it RUNNING again and continues it."""
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    ctx = _context(run_dir)
+    emit("beitdist_on_train_start", context=ctx)
+    _steps(emit, ctx, range(1, 4))
+    emit("beitdist_on_train_failed", context=ctx, step=3, error=RuntimeError("CUDA out of memory"))
+    assert tracking._active is None
+    client = _client(run_dir)
+    (run,) = _runs(client)
+    assert run.info.status == "FAILED" and _history(client, run.info.run_id, "loss") == [1, 2, 3]
+    emit("beitdist_on_train_start", context=_context(run_dir))
+    tracking.flush()
+    (again,) = _runs(client)
+    assert again.info.run_id == run.info.run_id and again.info.status == "RUNNING"
+
+
 @pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])
 def test_rank_1_and_disabled_tracking_log_nothing(emit, tmp_path, case):
     """Rank 1 (and a run with tracking off) logs nothing, writes nothing."""
@@ -356,3 +374,5 @@ def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     tracking.create_sqlite_store(f"sqlite:///{db}")
     assert [p.name for p in db.parent.iterdir()] == ["mlflow.db"]
     assert [e.name for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()] == ["Default"]
+    tracking.create_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}?timeout=20")  # driver options: MLflow's job
+    assert not (tmp_path / "other.db").exists()

@@ -183,10 +183,7 @@ def load_digits_images(input_size: int, limit: int | None = None) -> tuple[torch
     [0, 1], bilinearly upsampled, and their labels: a real, tiny, offline image set."""
     from beitdist.data.datasets import load_digits_arrays
 
-    try:
-        digit_images, digit_labels = load_digits_arrays()
-    except ValueError:
-        raise ValueError("--images digits needs scikit-learn (pip install scikit-learn)") from None
+    digit_images, digit_labels = load_digits_arrays()  # a ValueError says scikit-learn is missing
     pixels = torch.from_numpy(digit_images[:limit].astype(np.float32) / 16.0)[:, None]
     images = F.interpolate(pixels, size=(input_size, input_size), mode="bilinear", align_corners=False)
     return images.clamp_(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(digit_labels[:limit])

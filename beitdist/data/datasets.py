@@ -95,7 +95,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: images (1797, 8, 8) float64 in 0..16 and labels (1797,)
     int64, exactly `sklearn.datasets.load_digits()`'s. Read straight from the CSV scikit-learn
     ships, found without importing scikit-learn: that import costs every rank a second or more
-    before its first step, for a 12 KB file. Cached: the train and val splits share one read."""
+    before its first step, for a 57 KB file. Cached: the train and val splits share one read."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None:
         raise ValueError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)")

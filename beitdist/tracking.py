@@ -395,9 +395,15 @@ def flush() -> None:
 
 @atexit.register
 def _drain_at_exit() -> None:
-    """A run that dies by an exception still gets its queued metrics written, within limits."""
-    if _active is not None and not _active.worker.close(EXIT_DRAIN_S):
-        log.warning("MLflow calls still queued after %.0f s at exit; the last ones are lost", EXIT_DRAIN_S)
+    """A process that exits without ending its run still gets its queued metrics written, within limits."""
+    if _active is not None:
+        _close_within_limit(_active, "at exit")
+
+
+def _close_within_limit(tracker: Tracker, when: str) -> None:
+    """Write what is queued, waiting at most `EXIT_DRAIN_S`: the process is on its way out."""
+    if not tracker.worker.close(EXIT_DRAIN_S):
+        log.warning("MLflow calls still queued %.0f s %s; the last ones are lost", EXIT_DRAIN_S, when)
 
 
 def _tracker(context: Any) -> Tracker | None:
@@ -453,9 +459,8 @@ def beitdist_on_train_failed(context: Any, step: int, error: BaseException) -> N
     restart sets it RUNNING again)."""
     global _active
     if (tracker := _tracker(context)) is not None:
-        tracker.worker.submit(lambda: tracker.guarded(lambda: tracker.client.set_terminated(tracker.run_id, "FAILED")))
-        if not tracker.worker.close(EXIT_DRAIN_S):
-            log.warning("MLflow calls still queued %.0f s after the failure; the last ones are lost", EXIT_DRAIN_S)
+        tracker.submit(lambda: tracker.client.set_terminated(tracker.run_id, "FAILED"))
+        _close_within_limit(tracker, "after the failure")
         _active = None
 
 

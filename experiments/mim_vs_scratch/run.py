@@ -96,17 +96,14 @@ def beitdist(args: Sequence[str], log_file: Path, env: dict[str, str]) -> float:
 
 def export_train_images(out: Path) -> int:
     """The digits training split as 8x8 RGB PNGs, exactly as the `digits` dataset plugin decodes them."""
-    import numpy as np
-    from PIL import Image
-
-    from beitdist.data.datasets import load_digits_arrays, stratified_split
+    from beitdist.data.datasets import DigitsDataset, load_digits_arrays, stratified_split
 
     images, labels = load_digits_arrays()
     train, _ = stratified_split(labels, SPLIT["val_fraction"], SPLIT["seed"])
+    split = DigitsDataset(images, labels, train)  # the plugin's own decoding
     out.mkdir(parents=True, exist_ok=True)
-    for i in train:
-        grey = np.round(images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(out / f"{int(i):04d}.png")
+    for position, i in enumerate(train):
+        split.load(position)[0].save(out / f"{int(i):04d}.png")
     return len(train)
 
 

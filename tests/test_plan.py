@@ -69,6 +69,29 @@ def test_parameter_counts_of_published_sizes(variant: str, expected_millions: fl
     assert round(count / 1e6, 1) == expected_millions
 
 
+def test_counting_on_the_meta_device_stays_cheap() -> None:
+    """`beitdist plan` / `launch` count parameters on the meta device: the relative-position index
+    is built on the CPU and moved there (same values), so counting never imports torch._dynamo
+    (seconds of every CLI start). In a fresh interpreter: this one may have imported it already."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, beitdist\n"
+            "from beitdist.plan import count_parameters\n"
+            "from beitdist.backbone.layers import relative_position_index\n"
+            "count_parameters(beitdist.variant('base'), 'classification', {'num_classes': 10})\n"
+            "with torch.device('meta'):\n"
+            "    meta = relative_position_index((3, 4))\n"
+            "assert meta.device.type == 'meta' and meta.shape == (13, 13), meta\n"
+            "assert 'torch._dynamo' not in sys.modules, 'counting imported torch._dynamo'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from beitdist.backbone.layers import relative_position_index
+
+    index = relative_position_index((3, 4))
+    assert index.device.type == "cpu" and int(index[0, 0]) == 5 * 7 + 2 and int(index[1, 1]) == 2 * 7 + 3
+
+
 def test_count_and_largest_layer_match_deepspeed_on_a_real_model(ds_estimators) -> None:
     """DeepSpeed's `model_to_params` dedups by data pointer, so it needs real storage: a small model."""
     _, stage3 = ds_estimators

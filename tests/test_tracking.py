@@ -246,6 +246,71 @@ def test_a_failed_run_writes_its_queue_and_is_marked_failed(emit, tmp_path, empt
     assert again.info.run_id == run.info.run_id and again.info.status == "RUNNING"
 
 
+def _count_log_batch(monkeypatch):
+    """The metrics of every MlflowClient.log_batch call, in order (the calls still go through)."""
+    from mlflow import MlflowClient
+
+    calls, log_batch = [], MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        calls.append([(m.key, m.step) for m in metrics])
+        return log_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    return calls
+
+
+def test_steps_are_sent_together_in_order_with_their_own_times(emit, tmp_path, monkeypatch, empty_store):
+    """Per-step metrics wait (up to SEND_EVERY_S) and go in one log_batch, before the event after
+    them; each keeps its own step and time. With no wait, every step is its own call."""
+    monkeypatch.setattr(tracking, "SEND_EVERY_S", 3600.0)
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    ctx = _context(run_dir)
+    emit("beitdist_on_train_start", context=ctx)
+    tracking.flush()
+    calls = _count_log_batch(monkeypatch)
+    _steps(emit, ctx, range(1, 21))
+    time.sleep(0.3)
+    assert calls == []  # kept, not queued
+    emit("beitdist_on_eval_end", context=ctx, step=20, metrics={"val_loss": 0.5})
+    tracking.flush()
+    assert len(calls) == 2 and {step for _, step in calls[0]} == set(range(1, 21)) and calls[1] == [("val_loss", 20)]
+    client = _client(run_dir)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 21))
+    assert all(a.timestamp <= b.timestamp for a, b in zip(history, history[1:]))
+
+    monkeypatch.setattr(tracking, "SEND_EVERY_S", 0.0)
+    calls.clear()
+    _steps(emit, ctx, range(21, 24))
+    tracking.flush()
+    assert [{step for _, step in call} for call in calls] == [{21}, {22}, {23}]
+    emit("beitdist_on_train_end", context=ctx, step=23, metrics={}, final_dir=None)
+    assert _history(client, run_id, "loss") == list(range(1, 24))
+
+
+def test_batches_stay_within_mlflow_limits(emit, tmp_path, monkeypatch, empty_store):
+    """Steps with many metrics are sent before a batch would pass MLflow's 1000 per call; an
+    event bigger than one call is split, each value sent once."""
+    monkeypatch.setattr(tracking, "SEND_EVERY_S", 3600.0)
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    ctx = _context(run_dir)
+    emit("beitdist_on_train_start", context=ctx)
+    tracking.flush()
+    calls = _count_log_batch(monkeypatch)
+    for step in range(1, 6):
+        emit("beitdist_on_step_end", context=ctx, step=step, metrics={f"m{i}": float(i) for i in range(300)})
+    emit("beitdist_on_eval_end", context=ctx, step=5, metrics={f"v{i}": float(i) for i in range(2300)})
+    tracking.flush()
+    assert all(len(call) <= tracking.MAX_BATCH for call in calls)
+    sent = [entry for call in calls for entry in call]
+    assert len(sent) == len(set(sent)) == 5 * 300 + 2300
+    assert [len(call) for call in calls] == [900, 600, 1000, 301, 999]  # the last call also carries the step mark
+    assert {step for call in calls[:2] for _, step in call} == {1, 2, 3, 4, 5}
+    emit("beitdist_on_train_end", context=ctx, step=5, metrics={}, final_dir=None)
+
+
 @pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])
 def test_rank_1_and_disabled_tracking_log_nothing(emit, tmp_path, case):
     """Rank 1 (and a run with tracking off) logs nothing, writes nothing."""

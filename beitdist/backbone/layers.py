@@ -67,20 +67,24 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 
     Rows 0 .. (2H-1)(2W-1)-1 hold patch-to-patch offsets; the last three rows hold cls->token,
     token->cls and cls->cls, exactly as unilm lays them out (so tables load without reindexing).
+    Computed on the CPU, then moved to the default device: under `torch.device("meta")` (a
+    parameter count) stacking meta tensors would import torch._dynamo, seconds of a CLI's start.
     """
     height, width = grid
     num_distances = (2 * height - 1) * (2 * width - 1) + 3
-    coords = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
+    cpu = torch.device("cpu")
+    coords = torch.stack(torch.meshgrid(torch.arange(height, device=cpu), torch.arange(width, device=cpu),
+                                        indexing="ij")).flatten(1)
     relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
     relative[:, :, 0] += height - 1
     relative[:, :, 1] += width - 1
     relative[:, :, 0] *= 2 * width - 1
-    index = torch.zeros((height * width + 1,) * 2, dtype=torch.long)
+    index = torch.zeros((height * width + 1,) * 2, dtype=torch.long, device=cpu)
     index[1:, 1:] = relative.sum(-1)
     index[0, 0:] = num_distances - 3
     index[0:, 0] = num_distances - 2
     index[0, 0] = num_distances - 1
-    return index
+    return index.to(torch.get_default_device())
 
 
 def num_relative_distances(grid: tuple[int, int]) -> int:

@@ -24,8 +24,8 @@ Why it looks the way it does:
   that exits without ending its run gets the same time at exit. A process killed outright
   (SIGKILL, `ray.kill`) loses what it queued since its last checkpoint; its restart replays that.
 - Per-step metrics are batched: every step is logged, with its own step number and time, but they
-  go to MLflow in one `log_batch` every `SEND_EVERY_S` seconds, and before anything else is
-  logged (an evaluation, a checkpoint, the end). One sqlite transaction per step cost rank 0 a
+  go to MLflow in one `log_batch` at most every `SEND_EVERY_S` seconds, and before anything else
+  is logged (an evaluation, a checkpoint, a failure, the end). One sqlite transaction per step cost rank 0 a
   core-share that the other ranks then waited for at the next all-reduce: 6-13% of the
   quickstart's images/s (benchmarks/launch_overhead.py, `--set tracking.enabled=false`).
 """
@@ -63,7 +63,8 @@ MAX_BATCH = 1000  # MLflow's limit on metrics + tags in one log_batch
 PICTURES = 4
 EXIT_DRAIN_S = 30.0
 SEND_EVERY_S = 5.0
-"""How long per-step metrics may wait to be sent together (a live MLflow UI lags by this much)."""
+"""Per-step metrics are sent together at most this often. A live MLflow UI lags by up to this much;
+steps slower than this go one by one. A run that hangs keeps its last few seconds of steps unsent."""
 
 Entry = tuple[int, int, Mapping[str, Any]]
 """(step, milliseconds since the epoch when it was logged, metrics) of one event."""
@@ -169,12 +170,16 @@ class Tracker:
         self.worker = OrderedWorker("beitdist-mlflow")
         self.steps: list[Entry] = []
         """Per-step metrics not yet queued (see `log_step`)."""
-        self.steps_since, self.steps_values = 0.0, 0
-        self.steps_lock = threading.Lock()  # the training thread appends, an exit handler may send
+        self.steps_values, self.sent_at, self.closed = 0, -math.inf, False  # the first step goes at once
+        self.steps_lock = threading.Lock()
+        """Held while steps are kept or anything is queued: the training thread logs, a failure or
+        the exit handler may send and close."""
 
     def submit(self, action: Callable[[], None]) -> None:
-        """Queue `action` for the MLflow thread, guarded (see `guarded`)."""
-        self.worker.submit(lambda: self.guarded(action))
+        """Queue `action` for the MLflow thread, guarded (see `guarded`); nothing after `close`."""
+        with self.steps_lock:
+            if not self.closed:
+                self.worker.submit(lambda: self.guarded(action))
 
     def guarded(self, action: Callable[[], None]) -> None:
         """Run `action` unless tracking is off; the first failure turns tracking off for good."""
@@ -261,32 +266,41 @@ class Tracker:
 
     # ------------------------------------------------------------ events
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Keep one training step's metrics (a copy); they are queued together with the steps
-        after them once `SEND_EVERY_S` has passed since the oldest one was kept, or when the
-        batch is as big as one `log_batch` may be."""
-        now = time.monotonic()
+        """Keep one training step's metrics (a copy). The kept steps are queued as one `log_batch`
+        once `SEND_EVERY_S` has passed since the last batch (a step that comes later than that goes
+        at once), before a step that would take the batch past what one `log_batch` may hold (so
+        a batch ends at a step, with that step's mark), and before any other event."""
+        entry = (step, int(time.time() * 1000), dict(metrics))
         with self.steps_lock:
-            if not self.steps:
-                self.steps_since, self.steps_values = now, 0
-            self.steps.append((step, int(time.time() * 1000), dict(metrics)))
-            self.steps_values += len(metrics)
-            full = self.steps_values + len(metrics) > MAX_BATCH - 1  # one more such step would not fit beside the mark
-        if full or now - self.steps_since >= SEND_EVERY_S:
-            self.send_steps()
+            if self.steps and self.steps_values + len(entry[2]) > MAX_BATCH - 1:  # 1: the mark tag
+                self._queue_steps()
+            self.steps.append(entry)
+            self.steps_values += len(entry[2])
+            if time.monotonic() - self.sent_at >= SEND_EVERY_S:
+                self._queue_steps()
 
     def send_steps(self) -> None:
-        """Queue the kept training steps as one `log_batch`."""
+        """Queue the kept training steps now."""
         with self.steps_lock:
-            entries, self.steps = self.steps, []
-        if entries:
+            self._queue_steps()
+
+    def _queue_steps(self) -> None:
+        """With `steps_lock` held: whichever thread sends (training, a failure, the exit handler),
+        batches reach the queue in step order, and nothing is queued after `close`."""
+        if not self.steps:
+            return
+        entries, self.steps, self.steps_values, self.sent_at = self.steps, [], 0, time.monotonic()
+        if not self.closed:
             self.worker.submit(lambda: self._log_metrics_now("train", entries, {}))
 
     def log_metrics(self, kind: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
         """Queue one `log_batch` for this event (a copy of `metrics`: the caller may reuse it),
         after the training steps kept so far: MLflow sees the events in the order they happened."""
-        self.send_steps()
         entries, tags = [(step, int(time.time() * 1000), dict(metrics))], dict(tags or {})
-        self.worker.submit(lambda: self._log_metrics_now(kind, entries, tags))
+        with self.steps_lock:
+            self._queue_steps()
+            if not self.closed:
+                self.worker.submit(lambda: self._log_metrics_now(kind, entries, tags))
 
     def drain(self, timeout: float | None = None) -> bool:
         """Queue the kept steps and wait until everything queued is in the store."""
@@ -294,8 +308,11 @@ class Tracker:
         return self.worker.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Queue the kept steps, write everything queued and stop the MLflow thread."""
-        self.send_steps()
+        """Queue the kept steps, write everything queued and stop the MLflow thread; later events
+        are dropped (a training thread still running while the process exits must not fail)."""
+        with self.steps_lock:
+            self._queue_steps()
+            self.closed = True
         return self.worker.close(timeout)
 
     def _log_metrics_now(self, kind: str, entries: list[Entry], tags: Mapping[str, str]) -> None:
@@ -324,8 +341,8 @@ class Tracker:
         """Queue the end of the run and wait for everything queued: the run is complete (or
         tracking failed and said so) when training returns."""
         self.log_metrics("eval", step, metrics)  # already logged by the last evaluation: skipped
-        self.worker.submit(lambda: self._finish_now(final_dir))
-        self.worker.close()
+        self.submit(lambda: self._finish_now(final_dir))
+        self.close()
 
     def _finish_now(self, final_dir: str | Path | None) -> None:
         if final_dir is not None and Path(final_dir).is_dir():

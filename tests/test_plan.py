@@ -69,7 +69,7 @@ def test_parameter_counts_of_published_sizes(variant: str, expected_millions: fl
     assert round(count / 1e6, 1) == expected_millions
 
 
-def test_counting_on_the_meta_device_stays_cheap() -> None:
+def test_counting_on_the_meta_device_stays_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     """`beitdist plan` / `launch` count parameters on the meta device: the relative-position index
     is built on the CPU and moved there (same values), so counting never imports torch._dynamo
     (seconds of every CLI start). In a fresh interpreter: this one may have imported it already."""
@@ -90,6 +90,11 @@ def test_counting_on_the_meta_device_stays_cheap() -> None:
 
     index = relative_position_index((3, 4))
     assert index.device.type == "cpu" and int(index[0, 0]) == 5 * 7 + 2 and int(index[1, 1]) == 2 * 7 + 3
+    # DeepSpeed's zero.Init gives factory calls without a device its own device (not the default
+    # device): the index follows it there, as every other tensor the model builds
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **{"device": "meta", **kwargs}))
+    assert relative_position_index((3, 4)).device.type == "meta"
 
 
 def test_count_and_largest_layer_match_deepspeed_on_a_real_model(ds_estimators) -> None:

@@ -246,69 +246,124 @@ def test_a_failed_run_writes_its_queue_and_is_marked_failed(emit, tmp_path, empt
     assert again.info.run_id == run.info.run_id and again.info.status == "RUNNING"
 
 
-def _count_log_batch(monkeypatch):
-    """The metrics of every MlflowClient.log_batch call, in order (the calls still go through)."""
+def _record_calls(monkeypatch):
+    """(name, metrics, tags) of every MlflowClient.log_batch / set_terminated call that MLflow
+    accepted, in order (the calls still go through)."""
     from mlflow import MlflowClient
 
-    calls, log_batch = [], MlflowClient.log_batch
+    calls, log_batch, set_terminated = [], MlflowClient.log_batch, MlflowClient.set_terminated
 
-    def counting(self, run_id, metrics=(), params=(), tags=(), **kwargs):
-        calls.append([(m.key, m.step) for m in metrics])
-        return log_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+    def logging_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        result = log_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+        calls.append(("log_batch", [(m.key, m.step) for m in metrics], [t.key for t in tags]))
+        return result
 
-    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    def terminating(self, run_id, status=None, **kwargs):
+        result = set_terminated(self, run_id, status, **kwargs)
+        calls.append(("set_terminated", status, []))
+        return result
+
+    monkeypatch.setattr(MlflowClient, "log_batch", logging_batch)
+    monkeypatch.setattr(MlflowClient, "set_terminated", terminating)
     return calls
 
 
-def test_steps_are_sent_together_in_order_with_their_own_times(emit, tmp_path, monkeypatch, empty_store):
-    """Per-step metrics wait (up to SEND_EVERY_S) and go in one log_batch, before the event after
-    them; each keeps its own step and time. With no wait, every step is its own call."""
-    monkeypatch.setattr(tracking, "SEND_EVERY_S", 3600.0)
+def _started(emit, tmp_path, empty_store):
     run_dir = _with_store(tmp_path / "run", empty_store)
     ctx = _context(run_dir)
     emit("beitdist_on_train_start", context=ctx)
     tracking.flush()
-    calls = _count_log_batch(monkeypatch)
-    _steps(emit, ctx, range(1, 21))
+    return run_dir, ctx, (run_dir / "mlflow_run_id").read_text()
+
+
+def test_steps_are_sent_together_in_order_with_their_own_times(emit, tmp_path, monkeypatch, empty_store):
+    """Per-step metrics are kept (for up to SEND_EVERY_S after the last batch) and go in one
+    log_batch, before the event after them; each keeps its own step and time. With no wait,
+    every step is its own call."""
+    run_dir, ctx, run_id = _started(emit, tmp_path, empty_store)
+    tracking.flush()
+    calls = _record_calls(monkeypatch)
+    monkeypatch.setattr(tracking, "SEND_EVERY_S", 3600.0)
+    tracking._active.sent_at = time.monotonic()  # as if a batch had just been sent
+    for step in range(1, 21):
+        time.sleep(0.003)
+        emit("beitdist_on_step_end", context=ctx, step=step, metrics={"loss": 1.0 / step})
     time.sleep(0.3)
     assert calls == []  # kept, not queued
     emit("beitdist_on_eval_end", context=ctx, step=20, metrics={"val_loss": 0.5})
     tracking.flush()
-    assert len(calls) == 2 and {step for _, step in calls[0]} == set(range(1, 21)) and calls[1] == [("val_loss", 20)]
+    assert [name for name, _, _ in calls] == ["log_batch", "log_batch"]
+    assert {step for _, step in calls[0][1]} == set(range(1, 21)) and calls[1][1] == [("val_loss", 20)]
     client = _client(run_dir)
-    run_id = (run_dir / "mlflow_run_id").read_text()
     history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(1, 21))
-    assert all(a.timestamp <= b.timestamp for a, b in zip(history, history[1:]))
+    assert all(a.timestamp < b.timestamp for a, b in zip(history[1:], history[2:]))  # each its own time
 
     monkeypatch.setattr(tracking, "SEND_EVERY_S", 0.0)
     calls.clear()
     _steps(emit, ctx, range(21, 24))
     tracking.flush()
-    assert [{step for _, step in call} for call in calls] == [{21}, {22}, {23}]
+    assert [{step for _, step in metrics} for _, metrics, _ in calls] == [{21}, {22}, {23}]
     emit("beitdist_on_train_end", context=ctx, step=23, metrics={}, final_dir=None)
     assert _history(client, run_id, "loss") == list(range(1, 24))
 
 
-def test_batches_stay_within_mlflow_limits(emit, tmp_path, monkeypatch, empty_store):
-    """Steps with many metrics are sent before a batch would pass MLflow's 1000 per call; an
-    event bigger than one call is split, each value sent once."""
+def test_batches_end_at_a_step_within_mlflow_limits(emit, tmp_path, monkeypatch, empty_store):
+    """Steps of different sizes: a batch is sent before a step that would take it past MLflow's
+    limits, so every call ends at a step and carries that step's mark; an event bigger than one
+    call is split; every value reaches the store once and tracking stays on."""
+    from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+    run_dir, ctx, run_id = _started(emit, tmp_path, empty_store)
+    calls = _record_calls(monkeypatch)
     monkeypatch.setattr(tracking, "SEND_EVERY_S", 3600.0)
-    run_dir = _with_store(tmp_path / "run", empty_store)
-    ctx = _context(run_dir)
-    emit("beitdist_on_train_start", context=ctx)
-    tracking.flush()
-    calls = _count_log_batch(monkeypatch)
-    for step in range(1, 6):
-        emit("beitdist_on_step_end", context=ctx, step=step, metrics={f"m{i}": float(i) for i in range(300)})
+    tracking._active.sent_at = time.monotonic()
+    sizes = {1: 300, 2: 450, 3: 100, 4: 400, 5: 250}
+    for step, size in sizes.items():
+        emit("beitdist_on_step_end", context=ctx, step=step, metrics={f"m{i}": float(step) for i in range(size)})
     emit("beitdist_on_eval_end", context=ctx, step=5, metrics={f"v{i}": float(i) for i in range(2300)})
     tracking.flush()
-    assert all(len(call) <= tracking.MAX_BATCH for call in calls)
-    sent = [entry for call in calls for entry in call]
-    assert len(sent) == len(set(sent)) == 5 * 300 + 2300
-    assert [len(call) for call in calls] == [900, 600, 1000, 301, 999]  # the last call also carries the step mark
-    assert {step for call in calls[:2] for _, step in call} == {1, 2, 3, 4, 5}
+    for _, metrics, tags in calls:
+        assert len(metrics) <= MAX_METRICS_PER_BATCH and len(tags) <= MAX_PARAMS_TAGS_PER_BATCH
+        assert len(metrics) + len(tags) <= MAX_ENTITIES_PER_BATCH
+    steps = [sorted({step for _, step in metrics}) for _, metrics, _ in calls[:3]]
+    assert steps == [[1, 2, 3], [4, 5], [5]] and [len(m) for _, m, _ in calls[:2]] == [850, 650]
+    assert all(tags for _, _, tags in calls[:2])  # each step batch carries its mark
+    sent = [entry for _, metrics, _ in calls for entry in metrics]
+    assert len(sent) == len(set(sent)) == sum(sizes.values()) + 2300
+    assert tracking._active.enabled
+    stored = _client(run_dir).get_run(run_id).data.metrics
+    assert stored["m0"] == 5.0 and stored["m449"] == 2.0 and len([k for k in stored if k.startswith("v")]) == 2300
+    assert _history(_client(run_dir), run_id, "m299") == [1, 2, 4]
     emit("beitdist_on_train_end", context=ctx, step=5, metrics={}, final_dir=None)
+
+
+def test_kept_steps_are_written_before_a_failure_and_at_exit(emit, tmp_path, monkeypatch, empty_store):
+    """A failing run sends its kept steps before the run is marked FAILED; a process exiting with
+    steps kept writes them; events after the tracker closed are dropped, never raised."""
+    run_dir, ctx, run_id = _started(emit, tmp_path, empty_store)
+    calls = _record_calls(monkeypatch)
+    monkeypatch.setattr(tracking, "SEND_EVERY_S", 3600.0)
+    tracking._active.sent_at = time.monotonic()
+    _steps(emit, ctx, range(1, 4))
+    emit("beitdist_on_train_failed", context=ctx, step=3, error=RuntimeError("NCCL timeout"))
+    assert [(name, status) for name, status, _ in calls][-2:] == [("log_batch", [("loss", 1), ("lr", 1), ("grad_norm", 1),
+                                                                               ("images_per_s", 1), ("loss", 2), ("lr", 2),
+                                                                               ("images_per_s", 2), ("loss", 3), ("lr", 3),
+                                                                               ("grad_norm", 3), ("images_per_s", 3)]),
+                                                                 ("set_terminated", "FAILED")]
+
+    emit("beitdist_on_train_start", context=ctx)  # restarted
+    tracking.flush()
+    tracking._active.sent_at = time.monotonic()
+    _steps(emit, ctx, range(4, 7))
+    tracker = tracking._active
+    tracking._drain_at_exit()
+    assert _history(_client(run_dir), run_id, "loss") == [1, 2, 3, 4, 5, 6]
+    _steps(emit, ctx, [7])  # a training thread still running after the exit handler
+    emit("beitdist_on_eval_end", context=ctx, step=7, metrics={"val_loss": 0.1})
+    tracker.submit(lambda: None)
+    assert _history(_client(run_dir), run_id, "loss") == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])

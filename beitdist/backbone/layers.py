@@ -67,8 +67,10 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 
     Rows 0 .. (2H-1)(2W-1)-1 hold patch-to-patch offsets; the last three rows hold cls->token,
     token->cls and cls->cls, exactly as unilm lays them out (so tables load without reindexing).
-    Computed on the CPU, then moved to the default device: under `torch.device("meta")` (a
-    parameter count) stacking meta tensors would import torch._dynamo, seconds of a CLI's start.
+    Computed on the CPU, then moved to where a factory call without a device puts tensors (a
+    `torch.device` context, `set_default_device`, DeepSpeed's zero.Init): under
+    `torch.device("meta")` (a parameter count) stacking meta tensors would import torch._dynamo,
+    seconds of a CLI's start.
     """
     height, width = grid
     num_distances = (2 * height - 1) * (2 * width - 1) + 3
@@ -84,7 +86,7 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
     index[0, 0:] = num_distances - 3
     index[0:, 0] = num_distances - 2
     index[0, 0] = num_distances - 1
-    return index.to(torch.get_default_device())
+    return index.to(torch.empty(0).device)
 
 
 def num_relative_distances(grid: tuple[int, int]) -> int:

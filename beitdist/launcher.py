@@ -248,6 +248,21 @@ def _record_launch(run_dir: Path, record: dict[str, Any]) -> None:
     write_atomic(Path(run_dir) / LAUNCH_FILE, json.dumps(record), durable=False)
 
 
+def checkout_pythonpath(search_path: list[str] | None = None) -> str | None:
+    """PYTHONPATH for Ray's worker processes, unless beitdist lies in a folder on sys.path other
+    than the working directory (an installed package). `python -m beitdist` in a clone that is not
+    installed finds beitdist only through the working directory, and Ray starts its workers
+    elsewhere: they could not import the training function, and the launch died in Ray's worker
+    set-up with a traceback. For an editable install the path is the one its import hook points
+    at anyway."""
+    search_path = sys.path if search_path is None else search_path
+    root = Path(__file__).resolve().parent.parent
+    elsewhere = {Path(entry).resolve() for entry in search_path if entry} - {Path.cwd().resolve()}
+    if root in elsewhere:
+        return None
+    return os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
     import ray
 
@@ -280,6 +295,8 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
     env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling.num_workers))}
     if not use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"
+    if (pythonpath := checkout_pythonpath()) is not None:
+        env_vars["PYTHONPATH"] = pythonpath
     num_cpus = None if address else max(os.cpu_count() or 1, scaling.num_workers + 1)
     _init_ray(address, num_cpus, env_vars)
     _record_launch(recipe.run_dir, {"started_at": started_at, "ray_ready_at": time.time(),

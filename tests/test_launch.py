@@ -111,6 +111,25 @@ def test_unreachable_address_exits_2_quickly(tmp_path):
     assert time.time() - start < 240
 
 
+def test_ray_workers_find_beitdist_run_from_a_source_checkout(tmp_path, monkeypatch):
+    """`python -m beitdist launch` in a clone that is not installed finds beitdist only through the
+    working directory, and Ray starts its workers elsewhere: the launcher hands them the checkout
+    through PYTHONPATH (before the user's own). Installed (its folder on sys.path): nothing."""
+    from pathlib import Path
+
+    from beitdist.launcher import checkout_pythonpath
+
+    root = str(Path(__file__).resolve().parent.parent)
+    ray_first = "/opt/ray/thirdparty_files"  # importing Ray puts this before the working directory
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PYTHONPATH", "/opt/mine")
+    assert checkout_pythonpath([ray_first, root, "/usr/lib/python3.11"]) == os.pathsep.join([root, "/opt/mine"])
+    monkeypatch.delenv("PYTHONPATH")
+    assert checkout_pythonpath(["", "/usr/lib/python3.11"]) == root  # editable: found by an import hook
+    monkeypatch.chdir(tmp_path)
+    assert checkout_pythonpath([ray_first, str(tmp_path), root]) is None  # installed where sys.path looks
+
+
 BAD_LAUNCHES = {
     "malformed_yaml": ("name: [unclosed\n", "not valid YAML"),
     "unknown_key": ("optim: {lrr: 0.1}\n", "optim.lrr: unknown option (did you mean 'lr'?)"),

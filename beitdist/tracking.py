@@ -63,8 +63,9 @@ MAX_BATCH = 1000  # MLflow's limit on metrics + tags in one log_batch
 PICTURES = 4
 EXIT_DRAIN_S = 30.0
 SEND_EVERY_S = 5.0
-"""Per-step metrics are sent together at most this often. A live MLflow UI lags by up to this much;
-steps slower than this go one by one. A run that hangs keeps its last few seconds of steps unsent."""
+"""Per-step metrics are sent together at most this often, and kept steps no longer than this (plus
+half of it) when nothing follows them. A live MLflow UI lags by up to this much; steps slower than
+this go one by one."""
 
 Entry = tuple[int, int, Mapping[str, Any]]
 """(step, milliseconds since the epoch when it was logged, metrics) of one event."""
@@ -172,8 +173,10 @@ class Tracker:
         """Per-step metrics not yet queued (see `log_step`)."""
         self.steps_values, self.sent_at, self.closed = 0, -math.inf, False  # the first step goes at once
         self.steps_lock = threading.Lock()
-        """Held while steps are kept or anything is queued: the training thread logs, a failure or
-        the exit handler may send and close."""
+        """Held while steps are kept or anything is queued: the training thread logs, a failure,
+        the exit handler or the timer may send, and close."""
+        self.closing = threading.Event()
+        threading.Thread(target=self._send_late_steps, name="beitdist-mlflow-timer", daemon=True).start()
 
     def submit(self, action: Callable[[], None]) -> None:
         """Queue `action` for the MLflow thread, guarded (see `guarded`); nothing after `close`."""
@@ -279,6 +282,14 @@ class Tracker:
             if time.monotonic() - self.sent_at >= SEND_EVERY_S:
                 self._queue_steps()
 
+    def _send_late_steps(self) -> None:
+        """Kept steps go after `SEND_EVERY_S` even when no step or event follows: the steps before
+        a hang (a stuck collective, a stalled loader) are the ones worth seeing."""
+        while not self.closing.wait(min(max(SEND_EVERY_S / 2, 0.05), 30.0)):
+            with self.steps_lock:
+                if self.steps and time.monotonic() - self.sent_at >= SEND_EVERY_S:
+                    self._queue_steps()
+
     def send_steps(self) -> None:
         """Queue the kept training steps now."""
         with self.steps_lock:
@@ -313,6 +324,7 @@ class Tracker:
         with self.steps_lock:
             self._queue_steps()
             self.closed = True
+        self.closing.set()
         return self.worker.close(timeout)
 
     def _log_metrics_now(self, kind: str, entries: list[Entry], tags: Mapping[str, str]) -> None:

@@ -366,6 +366,19 @@ def test_kept_steps_are_written_before_a_failure_and_at_exit(emit, tmp_path, mon
     assert _history(_client(run_dir), run_id, "loss") == [1, 2, 3, 4, 5, 6]
 
 
+def test_steps_with_nothing_after_them_are_sent_by_the_timer(emit, tmp_path, monkeypatch, empty_store):
+    """The last steps before a hang (no step, no event after them) reach the store anyway."""
+    run_dir, ctx, run_id = _started(emit, tmp_path, empty_store)
+    monkeypatch.setattr(tracking, "SEND_EVERY_S", 0.4)
+    tracking._active.sent_at = time.monotonic()
+    _steps(emit, ctx, range(1, 4))
+    deadline = time.monotonic() + 20
+    while _history(_client(run_dir), run_id, "loss") != [1, 2, 3] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _history(_client(run_dir), run_id, "loss") == [1, 2, 3]
+    emit("beitdist_on_train_end", context=ctx, step=3, metrics={}, final_dir=None)
+
+
 @pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])
 def test_rank_1_and_disabled_tracking_log_nothing(emit, tmp_path, case):
     """Rank 1 (and a run with tracking off) logs nothing, writes nothing."""

@@ -25,9 +25,9 @@ Why it looks the way it does:
   (SIGKILL, `ray.kill`) loses what it queued since its last checkpoint; its restart replays that.
 - Per-step metrics are batched: every step is logged, with its own step number and time, but they
   go to MLflow in one `log_batch` at most every `SEND_EVERY_S` seconds, and before anything else
-  is logged (an evaluation, a checkpoint, a failure, the end). One sqlite transaction per step cost rank 0 a
-  core-share that the other ranks then waited for at the next all-reduce: 6-13% of the
-  quickstart's images/s (benchmarks/launch_overhead.py, `--set tracking.enabled=false`).
+  is logged (an evaluation, a checkpoint, a failure, the end). One sqlite transaction per step
+  cost rank 0 a core-share that the other ranks then waited for at the next all-reduce: 6-13% of
+  the quickstart's images/s (benchmarks/launch_overhead.py, `--set tracking.enabled=false`).
 """
 
 from __future__ import annotations
@@ -296,8 +296,8 @@ class Tracker:
             self._queue_steps()
 
     def _queue_steps(self) -> None:
-        """With `steps_lock` held: whichever thread sends (training, a failure, the exit handler),
-        batches reach the queue in step order, and nothing is queued after `close`."""
+        """With `steps_lock` held: whichever thread sends (training, the timer, a failure, the exit
+        handler), batches reach the queue in step order, and nothing is queued after `close`."""
         if not self.steps:
             return
         entries, self.steps, self.steps_values, self.sent_at = self.steps, [], 0, time.monotonic()

@@ -347,11 +347,9 @@ def test_kept_steps_are_written_before_a_failure_and_at_exit(emit, tmp_path, mon
     tracking._active.sent_at = time.monotonic()
     _steps(emit, ctx, range(1, 4))
     emit("beitdist_on_train_failed", context=ctx, step=3, error=RuntimeError("NCCL timeout"))
-    assert [(name, status) for name, status, _ in calls][-2:] == [("log_batch", [("loss", 1), ("lr", 1), ("grad_norm", 1),
-                                                                               ("images_per_s", 1), ("loss", 2), ("lr", 2),
-                                                                               ("images_per_s", 2), ("loss", 3), ("lr", 3),
-                                                                               ("grad_norm", 3), ("images_per_s", 3)]),
-                                                                 ("set_terminated", "FAILED")]
+    (batch, _, _), (ended, status, _) = calls
+    assert (batch, ended, status) == ("log_batch", "set_terminated", "FAILED")  # the steps first
+    assert sorted({step for _, step in calls[0][1]}) == [1, 2, 3] and len(calls[0][1]) == 11  # NaN left out
 
     emit("beitdist_on_train_start", context=ctx)  # restarted
     tracking.flush()

@@ -179,8 +179,10 @@ class Tracker:
         threading.Thread(target=self._send_late_steps, name="beitdist-mlflow-timer", daemon=True).start()
 
     def submit(self, action: Callable[[], None]) -> None:
-        """Queue `action` for the MLflow thread, guarded (see `guarded`); nothing after `close`."""
+        """Queue `action` for the MLflow thread, guarded (see `guarded`), after the kept steps (the
+        run is never marked FAILED or FINISHED before its last steps are in); nothing after `close`."""
         with self.steps_lock:
+            self._queue_steps()
             if not self.closed:
                 self.worker.submit(lambda: self.guarded(action))
 
@@ -544,7 +546,6 @@ def beitdist_on_train_failed(context: Any, step: int, error: BaseException) -> N
     restart sets it RUNNING again)."""
     global _active
     if (tracker := _tracker(context)) is not None:
-        tracker.send_steps()
         tracker.submit(lambda: tracker.client.set_terminated(tracker.run_id, "FAILED"))
         _close_within_limit(tracker, "after the failure")
         _active = None

@@ -207,6 +207,27 @@ def test_gathered_bias_is_cached_only_without_a_graph():
 
 
 @pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
+def test_cpu_inference_attention_matches_the_training_path(rel_pos_bias):
+    """Without gradients the CPU path is SDPA with the bias expanded to 4-D (its fused kernel);
+    with them, two matmuls (fp32) or SDPA with the 3-D bias (bf16): the same numbers either way."""
+    config = variant("tiny", image_size=32, patch_size=8, depth=2, rel_pos_bias=rel_pos_bias, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = Beit(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.normal_()
+    x = torch.randn(3, 3, 32, 32)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with_graph = model(x).last_hidden_state
+            with torch.inference_mode():
+                inference = model(x).last_hidden_state
+        assert with_graph.requires_grad and not inference.requires_grad
+        torch.testing.assert_close(inference.float(), with_graph.detach().float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
 def test_cpu_attention_matches_sdpa(rel_pos_bias):
     """On CPU the scores are computed by two matmuls (faster there); same outputs and gradients as SDPA."""
     import torch.nn.functional as F

@@ -16,6 +16,7 @@ A run's checkpoint directory (commit, resume, pruning, failed saves) is `beitdis
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import socket
@@ -139,9 +140,9 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int,
     if resolved["zero_stage"] > 0:
         zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 5e7})
     if resolved["offload_optimizer"]:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": uses_cuda()}
     if resolved["offload_params"]:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": uses_cuda()}
     if resolved["zero_stage"] == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False, "stage3_param_persistence_threshold": 1e4})
     config = {
@@ -188,8 +189,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def uses_cuda() -> bool:
+    """Whether this rank trains on a GPU: torch sees one and DeepSpeed is not told to use the CPU
+    (`DS_ACCELERATOR=cpu`). Everything that picks a device or a collective backend asks this, so
+    the model (placed by DeepSpeed's accelerator), the batches and the process group agree."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"
+
+
 def device_for(dist_info: DistInfo) -> torch.device:
-    if torch.cuda.is_available():
+    if uses_cuda():
         return torch.device("cuda", dist_info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
@@ -198,6 +206,10 @@ def init_distributed(dist_info: DistInfo, backend: str = "deepspeed") -> None:
     """Join (or create) the process group: nccl on GPUs, gloo on CPU. Both engines need one even
     for a single process, so a lone process gets a private group of one. Only the deepspeed
     backend imports DeepSpeed (its communication layer wraps the same torch process group)."""
+    if uses_cuda():
+        # before any collective: NCCL works on the current device, and a group made by the
+        # caller (Ray Train, torchrun) does not say which of the visible GPUs is this rank's
+        torch.cuda.set_device(device_for(dist_info))
     if backend == "deepspeed":
         deepspeed = import_deepspeed()
 
@@ -207,26 +219,27 @@ def init_distributed(dist_info: DistInfo, backend: str = "deepspeed") -> None:
             return
     elif dist.is_initialized():
         return
-    comm = "nccl" if torch.cuda.is_available() else "gloo"
+    comm = "nccl" if uses_cuda() else "gloo"
     port = dist_info.master_port or free_port()
     os.environ.update(
         RANK=str(dist_info.rank), WORLD_SIZE=str(dist_info.world_size), LOCAL_RANK=str(dist_info.local_rank),
         LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(dist_info.world_size)),
         MASTER_ADDR=dist_info.master_addr, MASTER_PORT=str(port),
     )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(device_for(dist_info))
     if backend == "deepspeed":
         deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False, verbose=False)
         _release_shm_buffer()
     else:
-        dist.init_process_group(comm, init_method="env://", rank=dist_info.rank, world_size=dist_info.world_size)
+        # DeepSpeed's 30 minutes (NCCL's own default is 10): rank 0 alone may spend minutes between
+        # collectives (consolidating weights, uploading them to MLflow) while the others wait
+        dist.init_process_group(comm, init_method="env://", rank=dist_info.rank, world_size=dist_info.world_size,
+                                timeout=datetime.timedelta(minutes=30))
 
 
 def _release_shm_buffer() -> None:
     """On CPU, DeepSpeed's shared-memory allreduce leaves its /dev/shm buffer behind after every
     run (`beitdist.deepspeed_shm`); once every rank has mapped every buffer, unlink ours."""
-    if torch.cuda.is_available() or not dist.is_initialized():
+    if uses_cuda() or not dist.is_initialized():
         return
     from beitdist.deepspeed_shm import release_buffer
 
@@ -240,7 +253,10 @@ def model_construction(engine: EngineConfig, ds_config: dict[str, Any]) -> Itera
     if engine.backend == "deepspeed" and engine.stage == 3 and engine.zero_init:
         deepspeed = import_deepspeed()
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if engine.resolved()["offload_params"] else None):
+        offload = engine.resolved()["offload_params"]
+        # pinned host partitions: GPU copies of offloaded parameters can then run asynchronously
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if offload else None,
+                                 pin_memory=offload and uses_cuda()):
             yield
     else:
         yield
@@ -255,6 +271,12 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
             if dist.get_rank() == 0:
                 tensor.data.copy_(state[name].to(tensor.dtype))
+    # only rank 0 holds `state`. DeepSpeed broadcasts rank 0's module at initialize, except one
+    # built under zero.Init (its buffers already on the device): then rank 0's buffers (e.g.
+    # SyncBatchNorm's running statistics) are sent here
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     for name, buffer in model.named_buffers():
         if name in state:
             buffer.data.copy_(state[name].to(buffer.dtype))
+        if partitioned:
+            dist.broadcast(buffer.data, src=0)

@@ -67,10 +67,14 @@ def _engine_name(recipe: Recipe, zero_stage: int) -> str:
     return f"DeepSpeed ZeRO-{zero_stage}"
 
 
-def uses_gpu(recipe: Recipe) -> bool:
-    """scaling.use_gpu resolved: "auto" means GPUs when this process sees CUDA."""
+def uses_gpu(recipe: Recipe, cluster_gpus: float | None = None) -> bool:
+    """scaling.use_gpu resolved. "auto" means GPUs when the cluster has any (`cluster_gpus`, once
+    connected to one: a CPU-only head node may drive a GPU cluster), else when this process sees
+    CUDA."""
     use_gpu = recipe.scaling.use_gpu
-    return torch.cuda.is_available() if use_gpu == "auto" else bool(use_gpu)
+    if use_gpu != "auto":
+        return bool(use_gpu)
+    return cluster_gpus > 0 if cluster_gpus is not None else torch.cuda.is_available()
 
 
 def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
@@ -145,6 +149,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from beitdist.engine import DistInfo
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # DeepSpeed's accelerator must match the resources Ray gave this worker: set before anything
+    # imports DeepSpeed, overriding a DS_ACCELERATOR the driver's environment passed down
+    os.environ["DS_ACCELERATOR"] = "cuda" if config.get("use_gpu") else "cpu"
     context = ray.train.get_context()
     recipe = parse_recipe(config["recipe"], "recipe (sent to the worker)")
     dist_info = DistInfo(rank=context.get_world_rank(), world_size=context.get_world_size(),
@@ -263,6 +270,12 @@ def checkout_pythonpath(search_path: list[str] | None = None) -> str | None:
     return os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
 def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
     import ray
 
@@ -289,22 +302,23 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
 
     started_at = time.time()
     scaling = recipe.scaling
-    use_gpu = uses_gpu(recipe)
     output_dir = Path(recipe.output_dir).resolve()
     recipe = recipe.replace(output_dir=str(output_dir))
     env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling.num_workers))}
-    if not use_gpu:
-        env_vars["DS_ACCELERATOR"] = "cpu"
     if (pythonpath := checkout_pythonpath()) is not None:
         env_vars["PYTHONPATH"] = pythonpath
     num_cpus = None if address else max(os.cpu_count() or 1, scaling.num_workers + 1)
     _init_ray(address, num_cpus, env_vars)
+    use_gpu = uses_gpu(recipe, _cluster_gpus() if address else None)
+    if address and use_gpu != uses_gpu(recipe):
+        log.info("the cluster at %s %s GPUs: the workers train on %s (scaling.use_gpu: auto)", address,
+                 "has" if use_gpu else "has no", "GPUs" if use_gpu else "CPUs")
     _record_launch(recipe.run_dir, {"started_at": started_at, "ray_ready_at": time.time(),
                                     "num_workers": scaling.num_workers, "address": address})
     resources = scaling.resources_per_worker or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": recipe.to_dict()},
+        train_loop_config={"recipe": recipe.to_dict(), "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(name=recipe.name, storage_path=str(output_dir),

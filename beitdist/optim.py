@@ -158,5 +158,8 @@ def build_adamw(groups: list[dict[str, Any]], config: OptimConfig, cpu_offload: 
     if sharded:
         from fairscale.optim import OSS
 
-        return OSS(groups, optim=torch.optim.AdamW, **adamw_options(config))
+        # force_broadcast_object: consolidation for a checkpoint sends each rank's state as bytes
+        # and loads it on the receiver's own device; broadcast_object_list would unpickle it onto
+        # the sender's GPU index, opening a CUDA context and a copy of every shard on every GPU
+        return OSS(groups, optim=torch.optim.AdamW, force_broadcast_object=True, **adamw_options(config))
     return torch.optim.AdamW(groups, **adamw_options(config))

@@ -156,9 +156,12 @@ class ScalingSection:
             check(bool(name), "resources_per_worker", "resource names must not be empty")
             check(math.isfinite(amount) and amount >= 0, f"resources_per_worker.{name}",
                   f"expected a finite amount >= 0, got {amount}")
+        gpus = self.resources_per_worker.get("GPU", 0)
         if self.use_gpu is False:
-            check(self.resources_per_worker.get("GPU", 0) == 0, "resources_per_worker.GPU",
-                  "asks for GPUs, but use_gpu is false")
+            check(gpus == 0, "resources_per_worker.GPU", "asks for GPUs, but use_gpu is false")
+        check(gpus in (0, 1), "resources_per_worker.GPU",
+              f"expected 1 (or 0 on CPUs), got {gpus}: each rank drives exactly one GPU (ranks sharing one fail "
+              "in NCCL; a rank given two would use one); for more GPUs raise num_workers")
         check(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size",
               f"expected >= 1 or null, got {self.global_batch_size}")
         check(self.gpu_memory_gb is None or (math.isfinite(self.gpu_memory_gb) and self.gpu_memory_gb > 0),

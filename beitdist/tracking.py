@@ -423,11 +423,17 @@ def _grey_patches(x: Any, mask: Any) -> Any:
     return grid.repeat_interleave(height // grid.shape[0], 0).repeat_interleave(width // grid.shape[1], 1)
 
 
+def _sharded(param: Any) -> bool:
+    """A parameter ZeRO-3 partitioned (`ds_id`) or fairscale's FSDP sharded over several ranks."""
+    return hasattr(param, "ds_id") or bool(getattr(param, "_is_sharded", False))
+
+
 def _picture_model(context: Any, final_dir: str | Path | None) -> Any:
-    """The trained model for predictions: the live one, unless ZeRO-3 partitioned it (a forward on
-    rank 0 alone would wait forever for the other ranks) — then the consolidated final weights."""
+    """The trained model for predictions: the live one, unless ZeRO-3 or fairscale's FSDP sharded
+    its parameters (a forward on rank 0 alone would fail, or wait forever for the other ranks) —
+    then the consolidated final weights."""
     model = context.model
-    if model is not None and not any(hasattr(p, "ds_id") for p in model.parameters()):
+    if model is not None and not any(_sharded(p) for p in model.parameters()):
         return model
     if final_dir is not None and Path(final_dir).is_dir():
         from beitdist.checkpoint import load_model

@@ -6,8 +6,10 @@ ZeRO-3) -> training engine (DeepSpeed or fairscale, `beitdist.engines`, chosen b
 weights consolidated into a beitdist checkpoint.
 
 Randomness is a function of (seed, step, rank) for the model (drop path) and of (seed, epoch,
-sample index) for the data, so a run resumed at step k replays exactly what an uninterrupted run
-would have done.
+sample index) for the data, so a run resumed at step k replays what an uninterrupted run would have
+done: bit for bit on CPUs; on GPUs up to the last bits, because some CUDA kernels (the index
+backward of the relative-position gather, memory-efficient attention's backward) and NCCL's
+reductions do not fix their order of summation.
 """
 
 from __future__ import annotations
@@ -199,7 +201,8 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0])
+        # on the loss's device: an NCCL group has no CPU collectives
+        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -241,8 +244,13 @@ class Trainer:
         self.losses.append(loss_value)
         # data_s: what the step waited for its input (loading, augmentation, copy to the device, and
         # the tokenizer for MIM): near zero when the loader keeps up, the first thing to look at when not
-        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                "images_per_s": images / (time.perf_counter() - start), "data_s": data_s}
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                   "images_per_s": images / (time.perf_counter() - start), "data_s": data_s}
+        if self.device.type == "cuda":
+            # this rank's peak so far (allocated by tensors, not the allocator's cache): what
+            # `beitdist plan` predicts, and what decides the batch size a GPU can hold
+            metrics["device_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         from beitdist.heads.segmentation_eval import slide_inference
@@ -256,7 +264,7 @@ class Trainer:
         slide = self.recipe.train.eval_mode == "slide" and head.name == "segmentation"
         with torch.no_grad():
             batches = list(self.val_loader)
-            most = torch.tensor([len(batches)])
+            most = torch.tensor([len(batches)], device=self.device)  # collectives on the device (NCCL)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
             for i in range(int(most.item())):
                 batch = self._prepare(batches[min(i, len(batches) - 1)]) if batches else None
@@ -277,10 +285,9 @@ class Trainer:
                 for key, value in head.metric_state(out, batch).items():
                     totals[key] = totals.get(key, 0) + value.double().cpu()
         keys = sorted(totals)
-        packed = torch.stack([totals[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
-        dist.all_reduce(packed)
-        stats = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
-        dist.all_reduce(stats)
+        packed = torch.stack([totals[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+        packed = _all_reduced(packed, self.device)
+        stats = _all_reduced(torch.tensor([float(loss_sum), float(count)], dtype=torch.float64), self.device)
         reduced = {k: packed[i].reshape(totals[k].shape) for i, k in enumerate(keys)}
         metrics = {f"val_{k}": v for k, v in head.compute_metrics(reduced).items()}
         metrics["val_loss"] = float(stats[0] / max(stats[1], 1))
@@ -377,6 +384,15 @@ class Trainer:
             self._report_failure(err)
             raise
 
+    def _record_device_peaks(self) -> None:
+        """Every rank's peak GPU memory (bytes allocated) up to here, in `timing` of
+        train_result.json: its evaluations and checkpoint saves are in it, the consolidation after
+        it is not. Ranks differ (ZeRO partitions are uneven, rank 0 holds more), so all are kept."""
+        if self.device.type != "cuda":
+            return
+        peaks = _all_gathered(float(torch.cuda.max_memory_allocated(self.device)), self.device, self.world)
+        self.timing["device_peak_bytes"] = [int(p) for p in peaks]
+
     def _report_failure(self, error: BaseException) -> None:
         """`beitdist_on_train_failed` (callbacks write what they buffered), without letting a
         failing callback hide the error that stopped training."""
@@ -428,6 +444,7 @@ class Trainer:
                 log.info("stopping at step %d as asked (train.stop_at); the next launch resumes here", self.step)
                 dist.barrier()
                 return TrainResult(self.step, metrics, self.losses, None, checkpoint)
+        self._record_device_peaks()
         final_dir = None
         if self.rank == 0 and checkpoint is not None:
             final_dir = self.consolidate(checkpoint.name)
@@ -443,6 +460,21 @@ class Trainer:
                      final_dir=str(final_dir) if final_dir else None)
         dist.barrier()
         return result
+
+
+def _all_reduced(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over ranks of a CPU tensor, reduced on `device` (an NCCL group has no CPU collectives)."""
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def _all_gathered(value: float, device: torch.device, world: int) -> list[float]:
+    """One number from every rank, in rank order."""
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return [float(t.item()) for t in every]
 
 
 def _result_from(path: Path) -> TrainResult:

@@ -129,7 +129,9 @@ class DataConfig:
     drop_last: bool = True
     """Train loader: drop each rank's last incomplete batch."""
     shuffle: bool = True
-    pin_memory: bool = False
+    pin_memory: bool | None = None
+    """Page-locked batches, so the copy to the GPU runs asynchronously. None: when training on a
+    GPU (`beitdist.engine.uses_cuda`)."""
 
     def __post_init__(self) -> None:
         check(bool(self.dataset), "dataset", "name a dataset plugin")
@@ -277,9 +279,17 @@ def _loader(dataset: Dataset, transform: presets.SampleTransform, collate: Colla
         sampler = ResumableDistributedSampler(len(dataset), rank, world_size, seed, shuffle=train and cfg.shuffle,
                                               drop_last=False)
     dataloader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            collate_fn=collate, drop_last=train and cfg.drop_last, pin_memory=cfg.pin_memory,
+                            collate_fn=collate, drop_last=train and cfg.drop_last, pin_memory=_pin_memory(cfg),
                             persistent_workers=False, generator=torch.Generator().manual_seed(int(seed)))
     return BeitLoader(dataloader, transform, collate, sampler, train)
+
+
+def _pin_memory(cfg: DataConfig) -> bool:
+    if cfg.pin_memory is not None:
+        return cfg.pin_memory
+    from beitdist.engine import uses_cuda
+
+    return uses_cuda()
 
 
 def build_loaders(data_cfg: DataConfig | Mapping[str, Any], task: str, image_size: int, patch_size: int, *,

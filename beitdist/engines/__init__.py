@@ -44,7 +44,10 @@ def check_engine_available(config: EngineConfig, cuda: bool | None = None) -> No
     if config.backend != "fairscale":
         return
     _import_fairscale()
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda is None:
+        from beitdist.engine import uses_cuda
+
+        cuda = uses_cuda()
     if config.fairscale_mode == "fsdp" and not cuda:
         raise EngineUnavailableError(
             "engine.fairscale_mode: fsdp needs CUDA GPUs (fairscale's FullyShardedDataParallel is GPU-only), "

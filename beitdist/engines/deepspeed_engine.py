@@ -86,7 +86,9 @@ class DeepSpeedEngine(TrainEngine):
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if not grads:
             return None
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        # one fused kernel per device and dtype (as clip_grad_norm_ does), not one norm per tensor
+        norms = torch._foreach_norm(grads)
+        return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
 
     def train(self) -> None:
         self.engine.train()

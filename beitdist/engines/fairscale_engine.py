@@ -158,7 +158,8 @@ class FairscaleEngine(TrainEngine):
                              f"{self.mode}; resume with the same mode")
         if self.mode == "oss":
             self.module.load_state_dict(saved["module"])
-            optim_state = torch.load(tag_dir / ckpts.FAIRSCALE_OPTIM, map_location=self.device, weights_only=False)
+            # the whole consolidated state, on the host: OSS copies the shard this rank owns to its device
+            optim_state = torch.load(tag_dir / ckpts.FAIRSCALE_OPTIM, map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(optim_state)
             return
         if saved["world_size"] != self.world_size:

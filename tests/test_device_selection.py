@@ -1,0 +1,55 @@
+"""Which device and collective backend a rank uses, and what a launch asks Ray for: the choices
+that decide whether a GPU run works at all. This machine has no GPU, so CUDA's presence is
+simulated; the GPU paths themselves are exercised by benchmarks/device_check.sh on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from beitdist import engine as eng
+from beitdist.data.pipeline import DataConfig, _pin_memory
+from beitdist.schema import OptionsError
+from beitdist.launcher import uses_gpu
+from beitdist.recipe import ScalingSection, load_recipe
+
+QUICKSTART = "recipes/quickstart.yaml"
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_a_rank_follows_deepspeeds_accelerator(two_gpus, monkeypatch):
+    """DS_ACCELERATOR=cpu on a GPU machine puts the whole rank on the CPU (gloo): DeepSpeed places
+    the model there, so batches and collectives must not go to the GPU."""
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert eng.uses_cuda()
+    assert eng.device_for(eng.DistInfo(local_rank=3)) == torch.device("cuda", 1)
+    assert _pin_memory(DataConfig(dataset="digits"))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not eng.uses_cuda()
+    assert eng.device_for(eng.DistInfo(local_rank=1)) == torch.device("cpu")
+    assert not _pin_memory(DataConfig(dataset="digits"))
+    assert _pin_memory(DataConfig(dataset="digits", pin_memory=True))
+
+
+def test_use_gpu_auto_asks_the_cluster(monkeypatch):
+    """A CPU-only head node launching on a GPU cluster trains on the cluster's GPUs."""
+    recipe = load_recipe(QUICKSTART)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert recipe.scaling.use_gpu == "auto"
+    assert uses_gpu(recipe) is False
+    assert uses_gpu(recipe, cluster_gpus=8.0) is True
+    assert uses_gpu(recipe, cluster_gpus=0.0) is False
+    off = recipe.replace(scaling=ScalingSection(num_workers=2, use_gpu=False))
+    assert uses_gpu(off, cluster_gpus=8.0) is False
+
+
+@pytest.mark.parametrize("gpus", [0.5, 2.0])
+def test_a_worker_drives_exactly_one_gpu(gpus):
+    with pytest.raises(OptionsError, match=r"resources_per_worker\.GPU.*exactly one GPU"):
+        ScalingSection(num_workers=2, resources_per_worker={"CPU": 4, "GPU": gpus})
+    assert ScalingSection(num_workers=2, resources_per_worker={"CPU": 4, "GPU": 1}).resources_per_worker["GPU"] == 1

@@ -2,8 +2,9 @@
 watching each rank from the outside.
 
 `train()` runs `python -m torch.distributed.run --nproc_per_node=N -m beitdist -v train RECIPE`
-(gloo, DS_ACCELERATOR=cpu) on a recipe written by `classification_recipe()` (a BEiT variant with a
-classification head on digits, 8x8 images upscaled to the image size, fp32, no augmentation). While
+(gloo and DS_ACCELERATOR=cpu, or NCCL on GPUs) on a recipe written by `classification_recipe()` (a
+BEiT variant with a classification head on digits, 8x8 images upscaled to the image size, fp32 or
+bf16, no augmentation). While
 it runs, a `Sampler` thread reads every rank's /proc/<pid>/status (VmRSS, VmHWM) and the run's
 progress file, so a benchmark can tell the training peak (VmHWM when the last step is done) from the
 peak of the whole run (evaluation, checkpoint save, rank 0 consolidating the fp32 weights).
@@ -50,11 +51,13 @@ NO_AUGMENT = {"rand_augment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, 
 # ------------------------------------------------------------------------------------ the run
 def classification_recipe(name: str, output_dir: Path, variant: str, image_size: int, patch_size: int, batch: int,
                           steps: int, zero_stage: int, *, reference: bool = False, val_fraction: float = 0.02,
-                          val_batch_size: int = 1) -> dict[str, Any]:
+                          val_batch_size: int = 1, precision: str = "fp32", loader_workers: int = 0
+                          ) -> dict[str, Any]:
     """The variant at full size (or the minuscule reference backbone, `reference=True`) with a
-    classification head on digits, fp32, `batch` images per rank, no checkpoint before the last
-    step (the trainer always saves the last one, then rank 0 consolidates it), one evaluation
-    after the last step."""
+    classification head on digits, `precision` (fp32 or bf16), `batch` images per rank, no
+    checkpoint before the last step (the trainer always saves the last one, then rank 0
+    consolidates it), one evaluation after the last step. `loader_workers` loader processes per
+    rank (0: in the training process; a GPU step outruns it)."""
     backbone = {"image_size": image_size, "patch_size": patch_size, **(MINUSCULE if reference else {})}
     return {
         "name": name + ("_reference" if reference else ""),
@@ -63,26 +66,30 @@ def classification_recipe(name: str, output_dir: Path, variant: str, image_size:
         "model": {"variant": variant, "backbone": backbone},
         "head": {"name": "classification", "options": {"num_classes": NUM_CLASSES}},
         "data": {"dataset": "digits", "options": {"val_fraction": val_fraction}, "batch_size": batch,
-                 "val_batch_size": val_batch_size, "augment": dict(NO_AUGMENT)},
+                 "val_batch_size": val_batch_size, "augment": dict(NO_AUGMENT), "num_workers": loader_workers},
         "optim": {"lr": 1e-4, "warmup_steps": 0, "clip_grad": 1.0},
-        "engine": {"zero_stage": zero_stage, "precision": "fp32"},
+        "engine": {"zero_stage": zero_stage, "precision": precision},
         "train": {"steps": steps, "log_every": 1, "eval_every": 0, "checkpoint_every": 0},
         "tracking": {"enabled": False},
     }
 
 
-def predicted(variant: str, image_size: int, patch_size: int, batch: int, world: int, stage: int) -> MemoryPlan:
-    """beitdist's plan for such a run: fp32, no offload, no activation checkpointing, `world` ranks."""
+def predicted(variant: str, image_size: int, patch_size: int, batch: int, world: int, stage: int,
+              precision: str = "fp32") -> MemoryPlan:
+    """beitdist's plan for such a run: no offload, no activation checkpointing, `world` ranks."""
     config = beitdist.variant(variant, image_size=image_size, patch_size=patch_size)
     params = count_parameters(config, "classification", {"num_classes": NUM_CLASSES})
-    activations = activation_bytes(config, batch, "fp32", checkpointing=False)
-    return plan(params, world, stage, "fp32", activations=activations)
+    activations = activation_bytes(config, batch, precision, checkpointing=False)
+    return plan(params, world, stage, precision, activations=activations)
 
 
-def environment(threads: int = 1, glibc_default_malloc: bool = False) -> dict[str, str]:
-    """The ranks' environment: CPU accelerator, `threads` OpenMP threads each, unbuffered output,
-    and (unless `glibc_default_malloc`) a fixed 1 MiB mmap threshold so freed tensors leave RSS."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+def environment(threads: int = 1, glibc_default_malloc: bool = False, device: str = "cpu") -> dict[str, str]:
+    """The ranks' environment: DeepSpeed's CPU accelerator (unless `device` is "cuda": DeepSpeed
+    then finds the GPUs itself), `threads` OpenMP threads each, unbuffered output, and (unless
+    `glibc_default_malloc`) a fixed 1 MiB mmap threshold so freed tensors leave RSS."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
     if not glibc_default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = str(1024 * 1024)
     return env

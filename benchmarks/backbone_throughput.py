@@ -14,11 +14,24 @@ Every model is fed the same batch; steps are interleaved model by model so that 
 shared machine hit every column alike; the median time is reported. Achieved GFLOP/s counts
 matmul FLOPs only (patch-embedding conv, q/k/v, attention scores and values, projection, MLP,
 classifier; a training step = 3x forward: backward computes two matmuls per forward one) and is
-compared with the best square-matmul rate measured in the same process.
+compared with the best square-matmul rate measured in the same process. `mm %` is the share of
+one profiled step (torch.profiler, self time on the device: CPU time on a CPU, kernel time on a
+GPU) spent in matmul-class ops (mm, addmm, bmm, baddbmm, convolutions, and fused attention
+kernels, whose time is mostly their two matmuls): % peak / mm % is how fast the matmuls
+themselves run, and 1 - mm % the time left for everything else (norms, GELU, softmax, adds, the
+optimizer) to shrink.
+
+On a GPU (`--device cuda`, the default when one is visible) every model, batch and peak matmul
+runs there, timings wait for the GPU (`torch.cuda.synchronize`), and each row also gives the
+memory its steps add on top of what is resident (`step GiB`: `torch.cuda.max_memory_allocated`
+during the model's warm-up steps minus what was allocated before them; the optimizer state of a
+training step is in it). fp32 matmuls run at torch's default precision ("highest": no TF32)
+unless `--matmul-precision high` is given; the peak is measured at the same setting.
 
     python benchmarks/backbone_throughput.py                      # small and base, fp32 and bf16
     python benchmarks/backbone_throughput.py --variants small --dtypes fp32 --iters 3
     python benchmarks/backbone_throughput.py --modes infer --compile
+    python benchmarks/backbone_throughput.py --device cuda --variants small base large --iters 20 --warmup 3
 """
 
 from __future__ import annotations
@@ -51,16 +64,64 @@ def matmul_flops_per_image(config: beitdist.BackboneConfig, num_classes: int) ->
     return patch + config.depth * block + 2 * d * num_classes
 
 
-def matmul_peak_gflops(dtype: torch.dtype, budget_s: float = 3.0) -> float:
-    """Best GFLOP/s of square matmuls (512..2048) within a time budget: the hardware ceiling as
-    this process's BLAS reaches it (CPUs without bf16 units run bf16 far below fp32)."""
+PEAK_SIZES = {"cpu": (512, 1024, 1536, 2048), "cuda": (2048, 4096, 8192)}
+"""Square matmul sizes for the peak: a GPU needs large ones to fill its units."""
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+              "aten::cudnn_convolution", "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention",
+              "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_efficient_attention_forward",
+              "aten::_efficient_attention_backward", "aten::_flash_attention_forward", "aten::_flash_attention_backward",
+              "aten::_scaled_dot_product_flash_attention_backward", "aten::_scaled_dot_product_efficient_attention_backward",
+              "aten::_scaled_dot_product_cudnn_attention_backward",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+"""Ops counted as matmul work in `matmul_share` (their backward ops included)."""
+
+
+def matmul_share(step: Callable[[], None], device: torch.device) -> float | None:
+    """Share of one step's device time in MATMUL_OPS (self time, so nested ops count once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = {event.key: getattr(event, attribute) for event in prof.key_averages()}
+    total = sum(times.values())
+    return sum(times.get(name, 0) for name in MATMUL_OPS) / total if total else None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs asynchronously; a CPU has nothing queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, budget_s: float = 3.0) -> float:
+    """Best GFLOP/s of square matmuls within a time budget: the hardware ceiling as this process's
+    BLAS reaches it (CPUs without bf16 units run bf16 far below fp32)."""
     best = 0.0
     deadline = time.perf_counter() + budget_s
-    for size in (512, 1024, 1536, 2048):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for size in PEAK_SIZES[device.type]:
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+        torch.mm(a, b)  # the first call picks and loads a kernel
         for _ in range(3):
+            synchronize(device)
             start = time.perf_counter()
             torch.mm(a, b)
+            synchronize(device)
             best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
             if time.perf_counter() > deadline:
                 return best
@@ -76,7 +137,7 @@ def train_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tenso
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = logits_of(model(pixels))
         torch.nn.functional.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
@@ -86,7 +147,7 @@ def train_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tenso
 
 def infer_step(model: torch.nn.Module, pixels: torch.Tensor, bf16: bool) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits_of(model(pixels))
 
     return step
@@ -104,9 +165,9 @@ def timm_model(config: beitdist.BackboneConfig) -> torch.nn.Module:
                 use_mean_pooling=config.pooling == "mean")
 
 
-def build_models(variant: str, image_size: int, workdir: Path, compile_ours: bool
+def build_models(variant: str, image_size: int, workdir: Path, compile_ours: bool, device: torch.device
                  ) -> tuple[dict[str, torch.nn.Module], dict[str, str], beitdist.BackboneConfig]:
-    """The models that could be built, and why the others could not."""
+    """The models that could be built (on `device`), and why the others could not."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -128,45 +189,63 @@ def build_models(variant: str, image_size: int, workdir: Path, compile_ours: boo
         models["timm"] = timm_model(config)
     except Exception as err:  # ImportError, or torchvision failing to load beside this torch
         missing["timm"] = f"not importable ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
-    return models, missing, config
+    return {name: model.to(device) for name, model in models.items()}, missing, config
 
 
 def bench(variant: str, dtype: str, mode: str, args: argparse.Namespace, workdir: Path,
           peaks: dict[str, float]) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    models, missing, config = build_models(variant, args.image_size, workdir, args.compile)
-    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,))
+    device = args.device
+    models, missing, config = build_models(variant, args.image_size, workdir, args.compile, device)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
     bf16 = dtype == "bf16"
     steps: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
         model.train(mode == "train")
         steps[name] = train_step(model, pixels, labels, bf16) if mode == "train" else infer_step(model, pixels, bf16)
     warmup_s: dict[str, float] = {}
+    step_bytes: dict[str, int | None] = {}
     for name, step in steps.items():
+        resident = _reset_peak_memory(device)
         start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        synchronize(device)
         warmup_s[name] = time.perf_counter() - start
+        step_bytes[name] = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else None
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.iters):
         for name, step in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
+    shares = {name: matmul_share(step, device) for name, step in steps.items()}
     flops = (3 if mode == "train" else 1) * matmul_flops_per_image(config, NUM_CLASSES)
     rows = []
     for name, samples in times.items():
         images_per_s = args.batch / statistics.median(samples)
         rows.append({"variant": variant, "dtype": dtype, "mode": mode, "model": name, "images_per_s": images_per_s,
                      "gflops": images_per_s * flops / 1e9, "peak_fraction": images_per_s * flops / 1e9 / peaks[dtype],
-                     "warmup_s": warmup_s[name], "step_times_s": samples})
+                     "warmup_s": warmup_s[name], "step_bytes": step_bytes[name], "matmul_share": shares[name],
+                     "step_times_s": samples})
     for name, why in missing.items():
         rows.append({"variant": variant, "dtype": dtype, "mode": mode, "model": name, "images_per_s": None, "note": why})
     ours = rows[0]["images_per_s"]
     for row in rows:
         row["beitdist_speedup"] = ours / row["images_per_s"] if row["images_per_s"] else None
     return rows
+
+
+def _reset_peak_memory(device: torch.device) -> int:
+    """Bytes allocated on the GPU now, with its peak counter restarted from here (0 on a CPU)."""
+    if device.type != "cuda":
+        return 0
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -191,8 +270,10 @@ def print_row(row: dict[str, Any]) -> None:
     if row["images_per_s"] is None:
         print(f"{head} {row['note']}", flush=True)
         return
+    memory = f"{row['step_bytes'] / 1024**3:9.2f}" if row.get("step_bytes") is not None else f"{'-':>9}"
+    share = f"{100 * row['matmul_share']:5.1f}%" if row.get("matmul_share") is not None else f"{'-':>6}"
     print(f"{head} {row['images_per_s']:8.2f} {row['beitdist_speedup']:10.2f} {row['gflops']:8.1f} "
-          f"{100 * row['peak_fraction']:6.1f}% {row['warmup_s']:8.1f}", flush=True)
+          f"{100 * row['peak_fraction']:6.1f}% {share} {row['warmup_s']:8.1f} {memory}", flush=True)
 
 
 def print_summary(item: dict[str, Any]) -> None:
@@ -201,7 +282,15 @@ def print_summary(item: dict[str, Any]) -> None:
             + (f", compiled {item['compiled_ratio_vs_fastest_peer']:.2f}x" if "compiled_ratio_vs_fastest_peer" in item else ""))
     if item["dtype"] == "fp32":
         line += f"; {100 * item['peak_fraction']:.0f}% of the fp32 matmul peak (target >= {100 * PEAK_TARGET:.0f}%)"
+    else:
+        line += f"; {100 * item['peak_fraction']:.0f}% of the bf16 matmul peak"
     print(line, flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -214,17 +303,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add beitdist under torch.compile (minutes to compile on a CPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where models and peak run (auto: the GPU when one is visible)")
+    parser.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
+                        help="torch.set_float32_matmul_precision for models and peak (high: TF32 on GPUs)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/backbone_throughput.json"))
     args = parser.parse_args()
+    args.device = resolve_device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
 
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"matmul peak (square matmuls up to 2048, same process): fp32 {peaks['fp32']:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.1f} GFLOP/s")
+    peaks = {"fp32": matmul_peak_gflops(torch.float32, args.device),
+             "bf16": matmul_peak_gflops(torch.bfloat16, args.device)}
+    print(f"torch {torch.__version__}, {device_name(args.device)}, fp32 matmul precision {args.matmul_precision}")
+    print(f"matmul peak (square matmuls up to {PEAK_SIZES[args.device.type][-1]}, same process): "
+          f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     print("GFLOP/s counts matmul FLOPs only (patch conv, qkv, attention, proj, MLP, head); train = 3x forward;"
-          " warmup s includes compiling\n")
+          " mm % = share of a profiled step in matmul and fused-attention ops; warmup s includes compiling\n")
     header = (f"{'size':6} {'mode':5} {'dtype':5} {'model':19} {'img/s':>8} {'beitdist x':>10} {'GFLOP/s':>8} "
-              f"{'% peak':>7} {'warmup s':>8}")
+              f"{'% peak':>7} {'mm %':>6} {'warmup s':>8} {'step GiB':>9}")
     print(header)
     print("-" * len(header))
     rows, summaries = [], []
@@ -240,6 +336,7 @@ def main() -> None:
                     rows.extend(group)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"batch": args.batch, "image_size": args.image_size, "iters": args.iters, "peaks_gflops": peaks,
+              "device": device_name(args.device), "matmul_precision": args.matmul_precision,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "summary": summaries}
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

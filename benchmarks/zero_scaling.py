@@ -1,18 +1,18 @@
 """Per-rank peak memory and step time of BEiT training at 1 and 2 workers under ZeRO stages 0-3.
 
 For every (workers, stage) pair, runs `python -m torch.distributed.run --nproc_per_node=N -m
-beitdist train` (gloo, DS_ACCELERATOR=cpu, one OpenMP thread per rank by default, so each rank
-computes on one core whatever the number of workers) on a recipe written here: the variant at full
-size with a classification head on digits (8x8 images upscaled to the image size), fp32, no
-augmentation, `--batch` images per rank, `--steps` steps, no checkpoint before the last step, and
+beitdist train` (on a CPU: gloo, DS_ACCELERATOR=cpu, one OpenMP thread per rank by default, so
+each rank computes on one core whatever the number of workers) on a recipe written here: the
+variant at full size with a classification head on digits (8x8 images upscaled to the image size),
+fp32 (or `--precision bf16`), no augmentation, `--batch` images per rank, `--steps` steps, no checkpoint before the last step, and
 the machinery of `_rank_runs` (shared with beit_large_zero3_memory.py).
 
-Memory: each rank's training peak, VmHWM when the progress file first shows the last step (so the
+Memory on a CPU: each rank's training peak, VmHWM when the progress file first shows the last step (so the
 evaluation, the checkpoint that the trainer always writes after the last step and rank 0's fp32
 consolidation are left out; they are in `run_peak` of the JSON). As in the memory benchmark, a
 baseline run with a minuscule backbone (same world, stage, image size and data) measures what a
 rank costs before the model; `net` = training peak - baseline is set against the planner's device
-total for the run (`beitdist.plan.plan(count_parameters(...), world, stage, "fp32",
+total for the run (`beitdist.plan.plan(count_parameters(...), world, stage, precision,
 activations=activation_bytes(...))`), ratio = net / planned. With --no-baseline the baseline is
 0 and the ratio compares the gross peak. The row shows the rank with the largest net.
 
@@ -23,9 +23,19 @@ first gathers) is excluded; the step time is the median of the others. images/s 
 batch / step time; scaling efficiency = images/s total / (workers x images/s total of 1 worker at
 the same stage).
 
+On GPUs (`--device cuda`, the default when torch sees one): NCCL, DeepSpeed's CUDA accelerator,
+one GPU per rank (at most as many workers as GPUs), and memory is each rank's peak of
+`torch.cuda.max_memory_allocated` as the Trainer records it (`timing.device_peak_bytes` of
+train_result.json: up to the last step, its evaluation and checkpoint included, consolidation
+not). That counts tensors only, so no baseline run is needed (`base GiB` is 0). `--precision bf16`
+trains in bf16 (DeepSpeed's bf16 mode) and the plan is made for bf16. `data ms` is rank 0's median
+wait for its batch (`timing.data_s`); `--loader-workers` moves loading out of the training process.
+
     python benchmarks/zero_scaling.py                                    # BEiT-B, 224 px, 8 runs + baselines
     python benchmarks/zero_scaling.py --variant base --image-size 64 --steps 3    # quick
     python benchmarks/zero_scaling.py --variant tiny --image-size 32 --stages 3 --steps 3 --no-baseline
+    python benchmarks/zero_scaling.py --device cuda --variant large --workers 1 --stages 0 3 --precision bf16 \
+        --batch 32 --steps 10 --loader-workers 4
 """
 
 from __future__ import annotations
@@ -55,7 +65,24 @@ VAL_FRACTION = 0.005
 def recipe(args: argparse.Namespace, workers: int, stage: int, reference: bool = False) -> dict[str, Any]:
     return classification_recipe(f"{args.variant}_{args.image_size}px_w{workers}_zero{stage}", args.out / "runs",
                                  args.variant, args.image_size, args.patch_size, args.batch, args.steps, stage,
-                                 reference=reference, val_fraction=VAL_FRACTION, val_batch_size=args.batch)
+                                 reference=reference, val_fraction=VAL_FRACTION, val_batch_size=args.batch,
+                                 precision=args.precision, loader_workers=args.loader_workers)
+
+
+def host_rank_rows(ranks: dict[int, RankMemory], baseline: dict[int, RankMemory]) -> list[dict[str, Any]]:
+    """Per-rank peaks on a CPU run: VmHWM when the last step was seen, less the baseline's."""
+    rows = []
+    for rank, m in sorted(ranks.items()):
+        base = peak_in_training(baseline[rank]) if rank in baseline else 0
+        rows.append({"rank": rank, "train_peak": peak_in_training(m), "train_peak_seen": m.train_peak is not None,
+                     "baseline": base, "net": peak_in_training(m) - base, "run_peak": m.peak})
+    return rows
+
+
+def device_rank_rows(timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-rank peaks on a GPU run, from the Trainer's record (tensors only: no baseline)."""
+    return [{"rank": rank, "train_peak": peak, "train_peak_seen": True, "baseline": 0, "net": peak, "run_peak": peak}
+            for rank, peak in enumerate(timing.get("device_peak_bytes", []))]
 
 
 def step_times(timing: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,16 +102,16 @@ def measure(args: argparse.Namespace, workers: int, stage: int, env: dict[str, s
     run = train(recipe(args, workers, stage), args.out, workers, env, args.interval, args.timeout)
     result = outcome(run.run_dir)
     _tidy(args, run.run_dir)
-    memory = predicted(args.variant, args.image_size, args.patch_size, args.batch, workers, stage)
-    ranks = []
-    for rank, m in sorted(run.ranks.items()):
-        base = peak_in_training(baseline[rank]) if rank in baseline else 0
-        ranks.append({"rank": rank, "train_peak": peak_in_training(m), "train_peak_seen": m.train_peak is not None,
-                      "baseline": base, "net": peak_in_training(m) - base, "run_peak": m.peak})
+    memory = predicted(args.variant, args.image_size, args.patch_size, args.batch, workers, stage, args.precision)
+    if args.device == "cuda":
+        ranks = device_rank_rows(result["timing"])
+    else:
+        ranks = host_rank_rows(run.ranks, baseline)
     worst = max(ranks, key=lambda r: r["net"]) if ranks else None
     times = step_times(result["timing"])
     timed = [t["seconds"] for t in times if t["step"] >= 2]
     step_time = statistics.median(timed) if timed else None
+    waits = result["timing"].get("data_s", [])[1:]
     return {
         "workers": workers, "stage": stage,
         "peak": worst["train_peak"] if worst else None, "baseline": worst["baseline"] if worst else None,
@@ -93,6 +120,7 @@ def measure(args: argparse.Namespace, workers: int, stage: int, env: dict[str, s
         "plan": {"model_states": memory.model_states, "activations": memory.activations, "buffers": memory.buffers,
                  "device_total": memory.device_total},
         "step_time": step_time, "images_per_s": workers * args.batch / step_time if step_time else None,
+        "data_s": statistics.median(waits) if waits else None,
         "efficiency": None, "step_times": times, "ranks": ranks, "exit_code": run.code, "wall_s": run.wall_s,
         "log": str(run.log_file), **{k: result[k] for k in ("losses", "losses_finite", "checkpoint_problems")},
     }
@@ -120,7 +148,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     header = (f"{'workers':>7} {'stage':>5} {'peak GiB':>8} {'base GiB':>8} {'net GiB':>7} {'plan GiB':>8} "
-              f"{'ratio':>5} {'step s':>7} {'img/s tot':>9} {'scaling':>7}")
+              f"{'ratio':>5} {'step s':>7} {'data ms':>7} {'img/s tot':>9} {'scaling':>7}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         notes = []
@@ -132,9 +160,15 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             notes.append(f"exit {r['exit_code']}")
         print(f"{r['workers']:>7} {r['stage']:>5} {_fmt(r['peak'], '8.3f', GIB)} {_fmt(r['baseline'], '8.3f', GIB)} "
               f"{_fmt(r['net'], '7.3f', GIB)} {_fmt(r['planned'], '8.3f', GIB)} {_fmt(r['ratio'], '5.2f')} "
-              f"{_fmt(r['step_time'], '7.3f')} {_fmt(r['images_per_s'], '9.2f')} {_fmt(r['efficiency'], '7.2f')}"
+              f"{_fmt(r['step_time'], '7.3f')} {_fmt(r['data_s'], '7.1f', 1e-3)} {_fmt(r['images_per_s'], '9.2f')} "
+              f"{_fmt(r['efficiency'], '7.2f')}"
               + (f"  ({'; '.join(notes)})" if notes else ""))
-    basis = "net = peak - baseline (minuscule backbone)" if args.baseline else "no baseline run: net = peak"
+    if args.device == "cuda":
+        basis = "GPU memory allocated by tensors (torch.cuda.max_memory_allocated): net = peak"
+    elif args.baseline:
+        basis = "net = peak - baseline (minuscule backbone)"
+    else:
+        basis = "no baseline run: net = peak"
     print(f"\nper-rank training peak (the rank with the largest net); {basis}; ratio = net / planned device total; "
           f"step s = median of steps 2..{args.steps} on rank 0; scaling = img/s total / (workers x img/s total "
           f"at 1 worker, same stage)")
@@ -142,9 +176,28 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 def describe(args: argparse.Namespace, memory: MemoryPlan) -> None:
     largest = getattr(memory.params, "largest_layer", 0)
+    where = (f"{args.device_name}" if args.device == "cuda"
+             else f"{args.threads} thread(s) per rank, {os.cpu_count()} CPUs")
     print(f"{args.variant} {args.image_size} px, patch {args.patch_size}: {memory.params / 1e6:.1f}M parameters "
-          f"(largest layer {largest / 1e6:.2f}M), fp32, batch {args.batch} per rank, {args.steps} steps, "
-          f"{args.threads} thread(s) per rank, {os.cpu_count()} CPUs\n")
+          f"(largest layer {largest / 1e6:.2f}M), {args.precision}, batch {args.batch} per rank, {args.steps} steps, "
+          f"{where}\n")
+
+
+def resolve_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`auto` -> cuda when torch sees a GPU; on cuda, one GPU per rank and no baseline runs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "auto":
+        args.device = "cuda" if gpus else "cpu"
+    args.device_name = "CPU"
+    if args.device == "cuda":
+        if not gpus:
+            parser.error("--device cuda: torch sees no GPU here")
+        if max(args.workers) > gpus:
+            parser.error(f"--workers {max(args.workers)}: this machine has {gpus} GPU(s), one per rank")
+        args.device_name = f"{gpus} x {torch.cuda.get_device_name(0)}"
+        args.baseline = False
 
 
 def main() -> int:
@@ -157,6 +210,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2, help="images per rank")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: GPUs when torch sees one (NCCL, GPU memory), else the CPU (gloo, RSS)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="data loader processes per rank (data.num_workers; 0 = in the training process)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the minuscule-backbone baseline runs (ratio then compares the gross peak)")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between memory samples")
@@ -172,11 +230,12 @@ def main() -> int:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
     if min(args.workers) < 1:
         parser.error("--workers must be positive")
+    resolve_device(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.out = (args.out or Path(tempfile.mkdtemp(prefix="beit_zero_scaling_"))).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    env = environment(args.threads, args.glibc_default_malloc)
+    env = environment(args.threads, args.glibc_default_malloc, args.device)
     stages, workers = sorted(set(args.stages)), sorted(set(args.workers))
     rows = []
     for stage in stages:
@@ -188,11 +247,12 @@ def main() -> int:
     add_efficiency(rows)
 
     print()
-    describe(args, predicted(args.variant, args.image_size, args.patch_size, args.batch, 1, 0))
+    describe(args, predicted(args.variant, args.image_size, args.patch_size, args.batch, 1, 0, args.precision))
     print_table(args, rows)
     print(f"logs in {args.out}")
     result = {"variant": args.variant, "image_size": args.image_size, "patch_size": args.patch_size,
               "batch": args.batch, "steps": args.steps, "threads": args.threads, "baseline": args.baseline,
+              "device": args.device_name, "precision": args.precision, "loader_workers": args.loader_workers,
               "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"), "cpu_count": os.cpu_count(),
               "torch": version("torch"), "deepspeed": version("deepspeed"),
               "params": int(predicted(args.variant, args.image_size, args.patch_size, args.batch, 1, 0).params),

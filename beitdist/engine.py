@@ -253,10 +253,9 @@ def model_construction(engine: EngineConfig, ds_config: dict[str, Any]) -> Itera
     if engine.backend == "deepspeed" and engine.stage == 3 and engine.zero_init:
         deepspeed = import_deepspeed()
 
-        offload = engine.resolved()["offload_params"]
-        # pinned host partitions: GPU copies of offloaded parameters can then run asynchronously
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if offload else None,
-                                 pin_memory=offload and uses_cuda()):
+        # offloaded parameters' host partitions are pinned by ds_config (offload_param.pin_memory)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config,
+                                 remote_device="cpu" if engine.resolved()["offload_params"] else None):
             yield
     else:
         yield

@@ -315,7 +315,9 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
                  "has" if use_gpu else "has no", "GPUs" if use_gpu else "CPUs")
     _record_launch(recipe.run_dir, {"started_at": started_at, "ray_ready_at": time.time(),
                                     "num_workers": scaling.num_workers, "address": address})
-    resources = scaling.resources_per_worker or ({"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1})
+    resources = dict(scaling.resources_per_worker or {"CPU": 1})
+    if use_gpu:
+        resources.setdefault("GPU", 1)  # Ray refuses use_gpu with no GPU in the worker's resources
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe.to_dict(), "use_gpu": use_gpu},

@@ -136,9 +136,10 @@ class ScalingSection:
     """Ranks (one process each; one GPU each when use_gpu). The global batch is
     data.batch_size x engine.grad_accum x num_workers."""
     use_gpu: bool | Literal["auto"] = "auto"
-    """"auto": GPUs when the driver sees CUDA."""
+    """"auto": GPUs when the Ray cluster has any (`--address`), else when the launching machine sees CUDA."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
-    """Ray resources per worker, e.g. {CPU: 8, GPU: 1}; empty: 1 CPU (+ 1 GPU when use_gpu)."""
+    """Ray resources per worker, e.g. {CPU: 8, GPU: 1}; empty: 1 CPU. A worker that trains on GPUs
+    always asks for one GPU (GPU: 1 is added when missing)."""
     placement_strategy: PlacementStrategy = "PACK"
     max_failures: int = 0
     """Worker-group restarts Ray Train attempts (each resumes from the newest checkpoint); -1: unlimited."""

@@ -88,6 +88,7 @@ def environment(threads: int = 1, glibc_default_malloc: bool = False, device: st
     then finds the GPUs itself), `threads` OpenMP threads each, unbuffered output, and (unless
     `glibc_default_malloc`) a fixed 1 MiB mmap threshold so freed tensors leave RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env.pop("DS_ACCELERATOR", None)  # one exported here (for CPU runs) must not keep a GPU run on the CPU
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     if not glibc_default_malloc:

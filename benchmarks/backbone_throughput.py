@@ -19,7 +19,9 @@ one profiled step (torch.profiler, self time on the device: CPU time on a CPU, k
 GPU) spent in matmul-class ops (mm, addmm, bmm, baddbmm, convolutions, and fused attention
 kernels, whose time is mostly their two matmuls): % peak / mm % is how fast the matmuls
 themselves run, and 1 - mm % the time left for everything else (norms, GELU, softmax, adds, the
-optimizer) to shrink.
+optimizer) to shrink. On a GPU the JSON also gives `device_busy`, kernel time / wall time of
+that step: well below 1, the GPU waits for Python and kernel launches (small batches), and mm %
+then describes only the busy part.
 
 On a GPU (`--device cuda`, the default when one is visible) every model, batch and peak matmul
 runs there, timings wait for the GPU (`torch.cuda.synchronize`), and each row also gives the
@@ -79,19 +81,34 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mk
 """Ops counted as matmul work in `matmul_share` (their backward ops included)."""
 
 
-def matmul_share(step: Callable[[], None], device: torch.device) -> float | None:
-    """Share of one step's device time in MATMUL_OPS (self time, so nested ops count once)."""
+def matmul_share(step: Callable[[], None], device: torch.device) -> tuple[float | None, float | None]:
+    """(share of one step's device time in MATMUL_OPS, share of the step's wall time the GPU was
+    busy; None on a CPU). Self times, so nested ops count once. On a GPU the kernels are counted
+    once each, as torch's own summary table does: the kernel events themselves, not the aten ops
+    that launched them nor user annotations (which carry the same kernel time again); the aten
+    ops' device time says which kernels are matmuls."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
         step()
         synchronize(device)
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    times = {event.key: getattr(event, attribute) for event in prof.key_averages()}
-    total = sum(times.values())
-    return sum(times.get(name, 0) for name in MATMUL_OPS) / total if total else None
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.key_averages()
+    if cuda:
+        total = sum(e.self_device_time_total for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+        matmul = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CPU and e.key in MATMUL_OPS)
+        busy = total / wall_us if wall_us else None
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+        busy = None
+    return (matmul / total if total else None), busy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,12 +134,14 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, budget_s: float
     for size in PEAK_SIZES[device.type]:
         a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         torch.mm(a, b)  # the first call picks and loads a kernel
+        repeats = 10 if device.type == "cuda" else 1  # a GPU matmul takes ~1 ms: time several back to back
         for _ in range(3):
             synchronize(device)
             start = time.perf_counter()
-            torch.mm(a, b)
+            for _ in range(repeats):
+                torch.mm(a, b)
             synchronize(device)
-            best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+            best = max(best, repeats * 2 * size**3 / (time.perf_counter() - start) / 1e9)
             if time.perf_counter() > deadline:
                 return best
     return best
@@ -162,7 +181,7 @@ def timm_model(config: beitdist.BackboneConfig) -> torch.nn.Module:
                 mlp_ratio=config.hidden_mlp_dim / config.embed_dim, qkv_bias=config.qkv_bias,
                 use_abs_pos_emb=config.abs_pos_emb, use_rel_pos_bias=config.rel_pos_bias == "per_block",
                 use_shared_rel_pos_bias=config.rel_pos_bias == "shared", init_values=config.layer_scale_init or None,
-                use_mean_pooling=config.pooling == "mean")
+                global_pool="avg" if config.pooling == "mean" else "token")
 
 
 def build_models(variant: str, image_size: int, workdir: Path, compile_ours: bool, device: torch.device
@@ -222,14 +241,15 @@ def bench(variant: str, dtype: str, mode: str, args: argparse.Namespace, workdir
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    shares = {name: matmul_share(step, device) for name, step in steps.items()}
+    profiled = {name: matmul_share(step, device) for name, step in steps.items()}
     flops = (3 if mode == "train" else 1) * matmul_flops_per_image(config, NUM_CLASSES)
     rows = []
     for name, samples in times.items():
         images_per_s = args.batch / statistics.median(samples)
         rows.append({"variant": variant, "dtype": dtype, "mode": mode, "model": name, "images_per_s": images_per_s,
                      "gflops": images_per_s * flops / 1e9, "peak_fraction": images_per_s * flops / 1e9 / peaks[dtype],
-                     "warmup_s": warmup_s[name], "step_bytes": step_bytes[name], "matmul_share": shares[name],
+                     "warmup_s": warmup_s[name], "step_bytes": step_bytes[name], "matmul_share": profiled[name][0],
+                     "device_busy": profiled[name][1],
                      "step_times_s": samples})
     for name, why in missing.items():
         rows.append({"variant": variant, "dtype": dtype, "mode": mode, "model": name, "images_per_s": None, "note": why})

@@ -18,5 +18,6 @@ python -m pip wheel --quiet --no-deps "deepspeed==$(version deepspeed)" -w .whl
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "hjson==$(version hjson)" "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" \
-    "annotated-types==$(version annotated-types)" "typing-inspection==$(version typing-inspection)"
+    "annotated-types==$(version annotated-types)" "typing-inspection==$(version typing-inspection)" \
+    "typing-extensions==$(version typing-extensions)"  # pydantic-core needs a newer one than torch does
 ls -l .whl

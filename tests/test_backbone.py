@@ -208,23 +208,28 @@ def test_gathered_bias_is_cached_only_without_a_graph():
 
 @pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
 def test_cpu_inference_attention_matches_the_training_path(rel_pos_bias):
-    """Without gradients the CPU path is SDPA with the bias expanded to 4-D (its fused kernel);
-    with them, two matmuls (fp32) or SDPA with the 3-D bias (bf16): the same numbers either way."""
+    """In eval mode the CPU path is SDPA with the bias expanded to 4-D (its fused kernel); in
+    training mode two matmuls (fp32) or SDPA with the 3-D bias (bf16): the same numbers either
+    way (no dropout here), with or without a graph being built."""
     config = variant("tiny", image_size=32, patch_size=8, depth=2, rel_pos_bias=rel_pos_bias, drop_path_rate=0.0)
     torch.manual_seed(0)
-    model = Beit(config).eval()
+    model = Beit(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "relative_position_bias_table" in name:
                 param.normal_()
-    x = torch.randn(3, 3, 32, 32)
-    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            with_graph = model(x).last_hidden_state
-            with torch.inference_mode():
-                inference = model(x).last_hidden_state
-        assert with_graph.requires_grad and not inference.requires_grad
-        torch.testing.assert_close(inference.float(), with_graph.detach().float(), atol=tolerance, rtol=tolerance)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                trained = model.train()(x).last_hidden_state
+                evaluated = model.eval()(x).last_hidden_state
+                with torch.inference_mode():
+                    inferred = model(x).last_hidden_state
+            assert trained.requires_grad and evaluated.requires_grad and not inferred.requires_grad
+            for out in (evaluated, inferred):
+                torch.testing.assert_close(out.detach().float(), trained.detach().float(), atol=tolerance,
+                                           rtol=tolerance)
 
 
 @pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
@@ -245,7 +250,8 @@ def test_cpu_attention_matches_sdpa(rel_pos_bias):
     ours = model(x).last_hidden_state
     grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()), allow_unused=True)
     original = layers.attention
-    layers.attention = lambda q, k, v, bias, p: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+    layers.attention = lambda q, k, v, bias, p, training: F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                                                          dropout_p=p)
     try:
         reference = model(x).last_hidden_state
         reference_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()), allow_unused=True)

@@ -29,7 +29,7 @@ def test_backbone_benchmark_times_every_model(tmp_path):
     assert {(r["mode"], r["dtype"]) for r in timed} == {("train", "fp32"), ("infer", "fp32")}
     for row in timed:
         assert row["gflops"] > 0 and 0 < row["peak_fraction"] and row["step_bytes"] is None, row
-        assert 0.3 < row["matmul_share"] < 1.0, row  # matmuls dominate, but norms and softmax take some
+        assert 0.0 < row["matmul_share"] < 1.0 and row["device_busy"] is None, row
     for item in result["summary"]:
         assert item["ratio_vs_fastest_peer"] > 0 and item["fastest_peer"] != "beitdist"
 

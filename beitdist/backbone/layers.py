@@ -144,24 +144,25 @@ class GatheredBiasCache:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+    training: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v, by the fastest kernel for the device, dtype and mode.
 
     SDPA on GPUs (flash / memory-efficient kernels, which also compute the bias gradient). On CPUs
     (docs/performance.md, section 1):
-    - without gradients (inference, evaluation): SDPA with the (heads, N, N) bias expanded to a
-      (batch, heads, N, N) view. Only a 4-D mask reaches CPU's fused kernel; a 3-D one takes the
-      slow path. 1.7x faster than two matmuls in fp32, 2.4x faster than a 3-D mask in bf16;
-    - fp32 with gradients: SDPA falls back to its math path with an extra "safe softmax" pass,
-      and two plain matmuls measured faster;
-    - bf16 with gradients: SDPA, 10x faster than bf16 matmuls on CPUs without bf16 units.
+    - eval mode (inference, evaluation): SDPA with the (heads, N, N) bias expanded to a (batch,
+      heads, N, N) view. Only a 4-D mask reaches CPU's fused kernel; a 3-D one takes a slower path:
+      1.3x faster than two matmuls and 2.2x faster than the 3-D mask in fp32, 2.4x in bf16;
+    - training mode, fp32: SDPA would fall back to its math path with an extra "safe softmax"
+      pass for a bias that needs a gradient, and two plain matmuls measured faster;
+    - training mode, bf16: SDPA, 10x faster than bf16 matmuls on CPUs without bf16 units.
+    The module's mode decides, not grad mode: activation checkpointing runs a block's forward
+    without gradients and again with them, and both runs must compute the same numbers.
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    if not needs_grad:
+    if not training:
         mask = bias.expand(q.shape[0], *bias.shape[-3:]) if bias is not None and bias.dim() == 3 else bias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if q.dtype != torch.float32:
@@ -256,7 +257,7 @@ class Attention(nn.Module):
             bias = own if bias is None else bias + own
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
-        x = attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, bias, self.attn_drop if self.training else 0.0, self.training)
         x = x.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(x))
 

@@ -130,8 +130,9 @@ class DataConfig:
     """Train loader: drop each rank's last incomplete batch."""
     shuffle: bool = True
     pin_memory: bool | None = None
-    """Page-locked batches, so the copy to the GPU runs asynchronously. None: when training on a
-    GPU (`beitdist.engine.uses_cuda`)."""
+    """Page-locked training batches, so the copy to the GPU runs asynchronously. None: when
+    training on a GPU (`beitdist.engine.uses_cuda`). Validation batches are never pinned: an
+    evaluation holds its whole shard, and torch keeps pinned blocks cached for the run."""
 
     def __post_init__(self) -> None:
         check(bool(self.dataset), "dataset", "name a dataset plugin")
@@ -279,7 +280,7 @@ def _loader(dataset: Dataset, transform: presets.SampleTransform, collate: Colla
         sampler = ResumableDistributedSampler(len(dataset), rank, world_size, seed, shuffle=train and cfg.shuffle,
                                               drop_last=False)
     dataloader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            collate_fn=collate, drop_last=train and cfg.drop_last, pin_memory=_pin_memory(cfg),
+                            collate_fn=collate, drop_last=train and cfg.drop_last, pin_memory=train and _pin_memory(cfg),
                             persistent_workers=False, generator=torch.Generator().manual_seed(int(seed)))
     return BeitLoader(dataloader, transform, collate, sampler, train)
 

@@ -74,7 +74,8 @@ class DeepSpeedEngine(TrainEngine):
 
     def step(self) -> float | None:
         boundary = self.engine.is_gradient_accumulation_boundary()
-        own = self._grad_norm() if boundary and self.config.stage == 0 else None
+        # DeepSpeed reports no norm for ZeRO-0 in fp32 only; computing one costs a sync per step
+        own = self._grad_norm() if boundary and self.config.stage == 0 and self.config.precision == "fp32" else None
         self.engine.step()
         if not boundary:
             return None

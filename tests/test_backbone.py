@@ -206,11 +206,8 @@ def test_gathered_bias_is_cached_only_without_a_graph():
     assert trained.requires_grad and trained is not changed
 
 
-@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
-def test_cpu_inference_attention_matches_the_training_path(rel_pos_bias):
-    """In eval mode the CPU path is SDPA with the bias expanded to 4-D (its fused kernel); in
-    training mode two matmuls (fp32) or SDPA with the 3-D bias (bf16): the same numbers either
-    way (no dropout here), with or without a graph being built."""
+def _model_with_random_bias_tables(rel_pos_bias: str) -> Beit:
+    """A tiny BEiT whose relative-position tables are not zero (as initialised), so the bias matters."""
     config = variant("tiny", image_size=32, patch_size=8, depth=2, rel_pos_bias=rel_pos_bias, drop_path_rate=0.0)
     torch.manual_seed(0)
     model = Beit(config)
@@ -218,6 +215,15 @@ def test_cpu_inference_attention_matches_the_training_path(rel_pos_bias):
         for name, param in model.named_parameters():
             if "relative_position_bias_table" in name:
                 param.normal_()
+    return model
+
+
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
+def test_cpu_inference_attention_matches_the_training_path(rel_pos_bias):
+    """In eval mode the CPU path is SDPA with the bias expanded to 4-D (its fused kernel); in
+    training mode two matmuls (fp32) or SDPA with the 3-D bias (bf16): the same numbers either
+    way (no dropout here), with or without a graph being built."""
+    model = _model_with_random_bias_tables(rel_pos_bias)
     for batch in (1, 3):
         x = torch.randn(batch, 3, 32, 32)
         for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
@@ -239,13 +245,7 @@ def test_cpu_attention_matches_sdpa(rel_pos_bias):
 
     from beitdist.backbone import layers
 
-    config = variant("tiny", image_size=32, patch_size=8, depth=2, rel_pos_bias=rel_pos_bias, drop_path_rate=0.0)
-    torch.manual_seed(0)
-    model = Beit(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                param.normal_()
+    model = _model_with_random_bias_tables(rel_pos_bias)
     x = torch.randn(2, 3, 32, 32)
     ours = model(x).last_hidden_state
     grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()), allow_unused=True)

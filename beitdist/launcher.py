@@ -74,6 +74,8 @@ def uses_gpu(recipe: Recipe, cluster_gpus: float | None = None) -> bool:
     use_gpu = recipe.scaling.use_gpu
     if use_gpu != "auto":
         return bool(use_gpu)
+    if recipe.scaling.resources_per_worker.get("GPU") == 0:
+        return False  # the recipe asks for workers without GPUs
     return cluster_gpus > 0 if cluster_gpus is not None else torch.cuda.is_available()
 
 

@@ -160,6 +160,9 @@ class ScalingSection:
         gpus = self.resources_per_worker.get("GPU", 0)
         if self.use_gpu is False:
             check(gpus == 0, "resources_per_worker.GPU", "asks for GPUs, but use_gpu is false")
+        if self.use_gpu is True:
+            check(self.resources_per_worker.get("GPU", 1) == 1, "resources_per_worker.GPU",
+                  "is 0, but use_gpu is true: set GPU: 1 (or leave it out), or use_gpu: false")
         check(gpus in (0, 1), "resources_per_worker.GPU",
               f"expected 1 (or 0 on CPUs), got {gpus}: each rank drives exactly one GPU (ranks sharing one fail "
               "in NCCL; a rank given two would use one); for more GPUs raise num_workers")

@@ -111,12 +111,12 @@ def matmul_share(step: Callable[[], None], device: torch.device) -> tuple[float 
     return (matmul / total if total else None), busy
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     """`auto`: the GPU when one is visible, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+        parser.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     return torch.device(name)
 
 
@@ -329,7 +329,7 @@ def main() -> None:
                         help="torch.set_float32_matmul_precision for models and peak (high: TF32 on GPUs)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/backbone_throughput.json"))
     args = parser.parse_args()
-    args.device = resolve_device(args.device)
+    args.device = resolve_device(args.device, parser)
     torch.set_float32_matmul_precision(args.matmul_precision)
 
     peaks = {"fp32": matmul_peak_gflops(torch.float32, args.device),

@@ -46,6 +46,8 @@ def test_use_gpu_auto_asks_the_cluster(monkeypatch):
     assert uses_gpu(recipe, cluster_gpus=0.0) is False
     off = recipe.replace(scaling=ScalingSection(num_workers=2, use_gpu=False))
     assert uses_gpu(off, cluster_gpus=8.0) is False
+    cpu_workers = recipe.replace(scaling=ScalingSection(num_workers=2, resources_per_worker={"CPU": 4, "GPU": 0}))
+    assert uses_gpu(cpu_workers, cluster_gpus=8.0) is False
 
 
 @pytest.mark.parametrize("gpus", [0.5, 2.0])
@@ -53,3 +55,5 @@ def test_a_worker_drives_exactly_one_gpu(gpus):
     with pytest.raises(OptionsError, match=r"resources_per_worker\.GPU.*exactly one GPU"):
         ScalingSection(num_workers=2, resources_per_worker={"CPU": 4, "GPU": gpus})
     assert ScalingSection(num_workers=2, resources_per_worker={"CPU": 4, "GPU": 1}).resources_per_worker["GPU"] == 1
+    with pytest.raises(OptionsError, match=r"resources_per_worker\.GPU.*use_gpu is true"):
+        ScalingSection(num_workers=2, use_gpu=True, resources_per_worker={"GPU": 0})

@@ -158,10 +158,47 @@ def test_unknown_variant_lists_the_known_ones():
 
 
 def test_head_needing_a_mask_token_gets_one():
-    model = beitdist.build_model(tiny(), "mim", {"vocab_size": 20})
+    model = beitdist.build_model(tiny(), "mim", {"vocab_size": 20}).eval()
     assert model.config.use_mask_token and model.config.pooling == "none"
     out = model(torch.randn(2, 3, 32, 32), torch.rand(2, 16) < 0.5)
     assert out.logits.shape == (2, 16, 20)
+
+
+def test_mim_training_projects_only_the_masked_patches():
+    """In training mode the MIM head returns the masked patches' logits only (as unilm's
+    pretraining does), and the loss, metrics and gradients equal those of the all-patch logits."""
+    torch.manual_seed(0)
+    model = beitdist.build_model(tiny(), "mim", {"vocab_size": 20})
+    pixels = torch.randn(3, 3, 32, 32)
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, :5] = mask[1, 7:] = True  # 5, 9 and 0 masked patches
+    batch = {"bool_masked_pos": mask, "labels": torch.randint(0, 20, (3, 16))}
+
+    def loss_and_grads(train_mode: bool):
+        model.train(train_mode)
+        model.zero_grad()
+        out = model(pixels, mask)
+        loss = model.head.loss(out, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits, loss, model.head.metric_state(out, batch), grads
+
+    masked_logits, masked_loss, masked_state, masked_grads = loss_and_grads(True)
+    all_logits, all_loss, all_state, all_grads = loss_and_grads(False)
+    assert masked_logits.shape == (14, 20) and all_logits.shape == (3, 16, 20)
+    torch.testing.assert_close(masked_logits, all_logits[mask])
+    torch.testing.assert_close(masked_loss, all_loss)
+    assert masked_state == all_state and float(masked_state["count"]) == 14
+    assert masked_grads.keys() == all_grads.keys() and "head.lm_head.weight" in masked_grads
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(grad, all_grads[name], msg=name)
+
+    model.train()  # nothing masked: a zero loss that still reaches the head's weights
+    empty = {"bool_masked_pos": torch.zeros(3, 16, dtype=torch.bool), "labels": batch["labels"]}
+    out = model(pixels, empty["bool_masked_pos"])
+    loss = model.head.loss(out, empty)
+    loss.backward()
+    assert out.logits.shape == (0, 20) and loss.item() == 0.0
 
 
 def _naive_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,19 @@ class MimOptions:
 
 
 class MimHead(Head):
-    """Predicts the visual token of every patch: logits (B, N, vocab). unilm's pretraining model
-    keeps its final norm next to `lm_head`; here that norm is `head.norm`, and the backbone runs
-    with pooling 'none' (no norm of its own), which is the same computation."""
+    """Predicts visual tokens. unilm's pretraining model keeps its final norm next to `lm_head`;
+    here that norm is `head.norm`, and the backbone runs with pooling 'none' (no norm of its own),
+    which is the same computation.
+
+    The logits' shape follows the module's mode, as unilm's `return_all_tokens` does:
+
+    - eval mode (inference, evaluation, `load_model`): every patch, (B, N, vocab), as
+      transformers' `BeitForMaskedImageModeling`;
+    - training mode with a mask: the masked patches only, (M, vocab) in `x[bool_masked_pos]`
+      order, because the loss reads nothing else. BEiT-B masks ~75 of 196 patches, so the norm
+      and the 768 x 8192 projection run on 40% of the rows (about 4% of a pretraining step's
+      FLOPs, and 60% of the logits' memory, saved).
+    """
 
     name = "mim"
     Options = MimOptions
@@ -47,12 +57,17 @@ class MimHead(Head):
         self.lm_head = TruncNormalLinear(backbone.embed_dim, self.opts.vocab_size)
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.norm(features[:, 1:]))
+        patches = features[:, 1:]
+        if self.training and bool_masked_pos is not None:
+            patches = patches[bool_masked_pos.bool()]
+        return self.lm_head(self.norm(patches))
 
     @staticmethod
     def _masked(output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and target tokens of the masked patches, from either shape `forward` returns."""
         mask = batch["bool_masked_pos"].bool()
-        return output.logits[mask].float(), batch["labels"][mask]
+        logits = output.logits if output.logits.dim() == 2 else output.logits[mask]
+        return logits.float(), batch["labels"][mask]
 
     def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         logits, labels = self._masked(output, batch)

@@ -161,6 +161,35 @@ def test_mixup_targets_lambda_and_smoothing():
     assert black.max() == 0  # 0 bits kept: what timm gave on the Pillow of its day
 
 
+@pytest.mark.parametrize("batch", [4, 5])
+def test_mixup_in_place_equals_timms_formula(batch):
+    """The collate mixes its freshly stacked batch in place, pair by pair; the numbers are timm's
+    `x * lam + x.flip(0) * (1 - lam)` and its pasted CutMix box, and without `inplace` the
+    caller's tensor is left as it was."""
+    x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch)
+    for alphas in ((0.8, 0.0), (0.0, 1.0)):
+        mix = Mixup(num_classes=batch, mixup_alpha=alphas[0], cutmix_alpha=alphas[1], label_smoothing=0.0)
+        rng = np.random.default_rng(3)
+        lam, cut = mix.params(rng)
+        if cut:
+            (y0, y1, x0, x1), lam = cutmix_box(16, 16, lam, rng)
+            expected = x.clone()
+            expected[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        else:
+            expected = x * lam + x.flip(0) * (1 - lam)
+        original = x.clone()
+        copied, target = mix(x, labels, np.random.default_rng(3))
+        assert torch.equal(x, original) and copied.data_ptr() != x.data_ptr()
+        mixed, same_target = mix(x.clone(), labels, np.random.default_rng(3), inplace=True)
+        for out in (copied, mixed):
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(target, same_target, rtol=0, atol=0)
+        assert target[0, 0] == pytest.approx(lam) and target[0, batch - 1] == pytest.approx(1 - lam)
+        if batch % 2:  # the middle sample is its own partner
+            torch.testing.assert_close(mixed[batch // 2], x[batch // 2], rtol=1e-6, atol=1e-6)
+
+
 def test_cutmix_box_lambda_correction():
     rng = np.random.default_rng(1)
     for lam in (0.1, 0.5, 0.9):

@@ -71,17 +71,31 @@ class Mixup:
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         return float(rng.beta(alpha, alpha)), use_cutmix
 
-    def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator,
+                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`inplace=True` mixes into `pixel_values` itself (the collate's freshly stacked batch):
+        one pass over the batch instead of a flipped copy and three temporaries, which made mixup
+        cost a loader worker as much as decoding the JPEG."""
         if pixel_values.shape[0] % 2:
             logger.debug("mixup on an odd batch of %d: the middle sample is paired with itself", len(pixel_values))
         lam, use_cutmix = self.params(rng)
-        x = pixel_values
+        x = pixel_values if inplace else pixel_values.clone()
         if lam < 1.0:
             if use_cutmix:
                 (y0, y1, x0, x1), lam = cutmix_box(x.shape[-2], x.shape[-1], lam, rng)
-                x = x.clone()
-                x[:, :, y0:y1, x0:x1] = pixel_values.flip(0)[:, :, y0:y1, x0:x1]
+                x[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].flip(0)  # the right side is a copy of the box
             else:
-                x = pixel_values * lam + pixel_values.flip(0) * (1.0 - lam)
+                _mix_with_flipped_(x, lam)
         return x, mixup_target(labels, self.num_classes, lam, self.label_smoothing)
+
+
+def _mix_with_flipped_(x: torch.Tensor, lam: float) -> None:
+    """x[i] = lam * x[i] + (1 - lam) * x[B-1-i] for every i, in place, one pair at a time: only one
+    sample is copied at once (it stays in cache), where `x * lam + x.flip(0) * (1 - lam)` writes
+    four batch-sized tensors. The middle sample of an odd batch is its own partner: unchanged."""
+    n = x.shape[0]
+    for i in range(n // 2):
+        j = n - 1 - i
+        first = x[i].clone()
+        x[i].lerp_(x[j], 1.0 - lam)
+        x[j].lerp_(first, 1.0 - lam)

@@ -156,7 +156,8 @@ class Collate:
         if self.mixup is not None:
             first = int(batch["index"][0]) if "index" in batch else 0
             rng = np.random.default_rng([self.seed, self.epoch, first, _MIXUP_STREAM])
-            batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"], rng)
+            batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"], rng,
+                                                                 inplace=True)  # stacked just above
         return batch
 
 

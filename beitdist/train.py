@@ -109,6 +109,7 @@ class Trainer:
             log.info("global batch %d = %d per rank x %d accumulation x %d ranks", recipe.global_batch,
                      recipe.data.batch_size, recipe.engine.grad_accum, self.world)
         self.device = eng.device_for(self.dist_info)
+        eng.apply_matmul_precision(recipe.engine)
         _seed_everything(recipe.seed, 0, self.rank)
         self.engine = create_engine(recipe.engine, recipe.optim, recipe.data.batch_size, self.world, self.device)
         backbone = recipe.model.backbone_config()

@@ -57,3 +57,17 @@ def test_a_worker_drives_exactly_one_gpu(gpus):
     assert ScalingSection(num_workers=2, resources_per_worker={"CPU": 4, "GPU": 1}).resources_per_worker["GPU"] == 1
     with pytest.raises(OptionsError, match=r"resources_per_worker\.GPU.*use_gpu is true"):
         ScalingSection(num_workers=2, use_gpu=True, resources_per_worker={"GPU": 0})
+
+
+def test_tf32_is_a_recipe_switch_for_cuda_matmuls_only(monkeypatch):
+    """`engine.tf32: true` turns on TF32 for CUDA fp32 matmuls and leaves oneDNN's CPU matmuls in
+    full fp32; the default changes nothing."""
+    recipe = load_recipe(QUICKSTART, overrides=["engine.tf32=true"])
+    assert recipe.engine.tf32 and not load_recipe(QUICKSTART).engine.tf32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    eng.apply_matmul_precision(load_recipe(QUICKSTART).engine)
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    eng.apply_matmul_precision(recipe.engine)
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision

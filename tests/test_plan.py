@@ -72,11 +72,13 @@ def test_parameter_counts_of_published_sizes(variant: str, expected_millions: fl
 def test_counting_on_the_meta_device_stays_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     """`beitdist plan` / `launch` count parameters on the meta device: the relative-position index
     is built on the CPU and moved there (same values), so counting never imports torch._dynamo
-    (seconds of every CLI start). In a fresh interpreter: this one may have imported it already."""
+    (seconds of every CLI start); nor does the CLI import scipy, which only a change of resolution
+    needs. In a fresh interpreter: this one may have imported them already."""
     import subprocess
     import sys
 
-    code = ("import sys, torch, beitdist\n"
+    code = ("import sys, torch, beitdist, beitdist.cli, beitdist.train\n"
+            "assert 'scipy' not in sys.modules, 'the CLI imported scipy (only resampling needs it)'\n"
             "from beitdist.plan import count_parameters\n"
             "from beitdist.backbone.layers import relative_position_index\n"
             "count_parameters(beitdist.variant('base'), 'classification', {'num_classes': 10})\n"

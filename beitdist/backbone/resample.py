@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.interpolate import RectBivariateSpline
 
 NUM_CLS_ROWS = 3
 
@@ -70,6 +69,10 @@ def resample_rel_pos_table(
         return table.clone()
     if min(src_h, src_w) < 3:
         raise ValueError(f"cannot resample a relative-position table from a {src_grid} grid (need >= 2 patches a side)")
+    # imported here: scipy.interpolate costs ~1 s of every CLI start and every worker, and only a
+    # change of resolution needs it
+    from scipy.interpolate import RectBivariateSpline
+
     offsets, cls_rows = table[:-NUM_CLS_ROWS], table[-NUM_CLS_ROWS:]
     ys, dys = _resample_axis_grid(src_h, dst_h)
     xs, dxs = _resample_axis_grid(src_w, dst_w)

@@ -280,6 +280,9 @@ def load_model(
     `backbone_overrides` change the architecture where that is a well-defined adaptation:
     `image_size` (tables and embeddings resampled), `rel_pos_bias="per_block"` from a shared table,
     `drop_path_rate`, `grad_checkpointing`, `pooling`, ...
+
+    The model comes back in eval mode, as transformers' `from_pretrained` returns it; call
+    `.train()` before training it in a loop of your own (the Trainer does).
     """
     ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
     if head == "auto":
@@ -304,7 +307,7 @@ def load_model(
         plan.fresh["head."] = f"new {head!r} head, freshly initialised"
     state = _check_against(model, state, plan, ckpt.source)
     model.load_state_dict(state, strict=False)
-    return model
+    return model.eval()  # as transformers' from_pretrained: no dropout, all-patch MIM logits
 
 
 # --------------------------------------------------------------------- writing

@@ -28,3 +28,21 @@ def test_compiled_training_matches_eager(tmp_path):
     assert sorted(wa) == sorted(wb)  # no _orig_mod. prefixes
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_mim_training_compiles_as_one_graph():
+    """In training mode the MIM head selects the masked patches (a data-dependent shape) only when
+    not compiling: a compiled pretraining step stays one graph, with the loss's numbers unchanged."""
+    import torch._dynamo
+
+    import beitdist
+    from beitdist.backbone.config import BackboneConfig
+
+    config = BackboneConfig(embed_dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, drop_path_rate=0.0)
+    model = beitdist.build_model(config, "mim", {"vocab_size": 20}).train()
+    pixels, mask = torch.randn(2, 3, 32, 32), torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.4
+    explained = torch._dynamo.explain(model)(pixels, mask)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    batch = {"bool_masked_pos": mask, "labels": torch.randint(0, 20, (2, 16))}
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(model.head.loss(compiled(pixels, mask), batch), model.head.loss(model(pixels, mask), batch))

@@ -77,8 +77,9 @@ class EngineConfig:
     checkpoints and parameter names are unchanged."""
     tf32: bool = False
     """GPUs (A100 and later) only: fp32 matmuls in TensorFloat-32 (10-bit mantissa), several times
-    faster for fp32 runs; false keeps torch's default (full fp32 matmuls; cuDNN convolutions use
-    TF32 either way). No effect on bf16/fp16 runs' low-precision matmuls or on CPUs."""
+    faster for fp32 runs; false leaves the process's setting alone (torch's default: full fp32
+    matmuls; cuDNN convolutions use TF32 either way). No effect on bf16/fp16 runs' low-precision
+    matmuls or on CPUs."""
     raw: dict[str, Any] = field(default_factory=dict)
     """Escape hatch: merged last into the generated DeepSpeed config."""
 
@@ -202,10 +203,17 @@ def uses_cuda() -> bool:
 
 def apply_matmul_precision(engine: EngineConfig) -> None:
     """Turn on TF32 for this process's CUDA fp32 matmuls when the recipe asks. Only the CUDA
-    switch: `torch.set_float32_matmul_precision` would also change oneDNN's CPU matmuls."""
-    if engine.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        log.info("engine.tf32: fp32 matmuls on the GPU run in TensorFloat-32")
+    switch: `torch.set_float32_matmul_precision` would also change oneDNN's CPU matmuls. torch
+    >= 2.9 has a per-backend `fp32_precision` and refuses to mix it with the legacy `allow_tf32`
+    flag once either is used, so the new switch is set where it exists."""
+    if not engine.tf32:
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:  # torch < 2.9
+        matmul.allow_tf32 = True
+    log.info("engine.tf32: fp32 matmuls on the GPU run in TensorFloat-32")
 
 
 def device_for(dist_info: DistInfo) -> torch.device:

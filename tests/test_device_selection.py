@@ -60,14 +60,24 @@ def test_a_worker_drives_exactly_one_gpu(gpus):
 
 
 def test_tf32_is_a_recipe_switch_for_cuda_matmuls_only(monkeypatch):
-    """`engine.tf32: true` turns on TF32 for CUDA fp32 matmuls and leaves oneDNN's CPU matmuls in
-    full fp32; the default changes nothing."""
+    """`engine.tf32: true` turns on TF32 for CUDA fp32 matmuls (torch >= 2.9's per-backend switch
+    where it exists) and leaves oneDNN's CPU matmuls in full fp32; the default changes nothing."""
     recipe = load_recipe(QUICKSTART, overrides=["engine.tf32=true"])
     assert recipe.engine.tf32 and not load_recipe(QUICKSTART).engine.tf32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+
+    def cuda_tf32() -> bool:
+        return matmul.fp32_precision == "tf32" if new_api else matmul.allow_tf32
+
+    if new_api:
+        monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+        cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    else:
+        monkeypatch.setattr(matmul, "allow_tf32", False)
     eng.apply_matmul_precision(load_recipe(QUICKSTART).engine)
-    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert not cuda_tf32()
     eng.apply_matmul_precision(recipe.engine)
-    assert torch.backends.cuda.matmul.allow_tf32 is True
-    assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
+    assert cuda_tf32()
+    if new_api:
+        assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision

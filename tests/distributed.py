@@ -26,7 +26,7 @@ TINY_RECIPE: dict[str, Any] = {
     "engine": {"zero_stage": 0},
     "train": {"steps": 6, "log_every": 1},
     # MLflow costs seconds per run (import, sqlite migration); tests/test_tracking.py and the
-    # launch end-to-end test cover it
+    # launch end-to-end test (tests/test_faults.py) cover it
     "tracking": {"enabled": False},
 }
 

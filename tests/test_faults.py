@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def test_a_killed_worker_and_an_interrupted_launch_end_as_if_nothing_happened(tm
         log.close()
     output = log_path.read_text()
     assert killed_at < 2 * EVERY
-    assert "resumed from step_" in output, output[-6000:]  # the restarted group resumed
+    assert f"resumed from step_{EVERY} " in output, output[-6000:]  # the restarted group resumed
     assert code == 1 and "beitdist launch: interrupted" in output, output[-6000:]
     assert not (run_dir / "train_result.json").exists()
     deadline = time.monotonic() + 60
@@ -131,7 +132,8 @@ def test_a_killed_worker_and_an_interrupted_launch_end_as_if_nothing_happened(tm
     again = _launch(path, tmp_path)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "workers        2 x CPU" in again.stdout and f"finished faulty at step {STEPS}" in again.stdout
-    assert "resumed from step_" in again.stdout + again.stderr
+    # from step 20 (or 30, if the workers saved it before Ray stopped them)
+    assert re.search(rf"resumed from step_({2 * EVERY}|{3 * EVERY}) ", again.stdout + again.stderr), again.stderr[-4000:]
     # Ray's and DeepSpeed's noise that reads like a failure is kept out (beitdist.ray_worker_setup)
     for noise in ("Failed to query Ray Train Controller", "all_gather_into_tensor` is deprecated"):
         assert noise not in again.stdout + again.stderr + output, noise

@@ -6,7 +6,10 @@
 #      (benchmarks/zero_scaling.py --device cuda);
 #   2. the backbone table, BEiT-S and B, batch 8, fp32 and bf16, train and inference, against
 #      transformers and timm, with the matmul peak of the same GPU (backbone_throughput.py);
-#   3. the same for BEiT-B at batch 64 in bf16, with torch.compile.
+#   3. the same for BEiT-B at batch 64 in bf16, with torch.compile;
+#   4. last, in whatever is left of the device's 600 s: BEiT-B's MIM pretraining step at batch 64
+#      in bf16 against transformers (mim_pretrain_step.py); the JSON of the steps before it is
+#      written by then, so a device timeout there loses nothing else.
 # Results: JSON files and one log under $OUT (at most 8 files; default benchmarks/results/device).
 #
 # On the GPU machine, in the repository root, after `bash benchmarks/device_wheels.sh` here (its
@@ -25,7 +28,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# run SECONDS COMMAND...: each step has its own limit, together 580 s, inside the device's 600 s
+# run SECONDS COMMAND...: each step has its own limit, the first four together 580 s, inside the device's 600 s
 # per command; a step that hangs costs its own budget only
 run() {
     local limit=$1; shift
@@ -41,9 +44,11 @@ run() {
 if [[ "${SMOKE:-0}" == 1 ]]; then
     device=auto; L=(--variant tiny --image-size 32 --patch-size 8 --batch 2 --steps 3); B=("${L[@]}")
     S=(--variants tiny --image-size 32 --iters 2 --warmup 1); C=(--variants tiny --image-size 32 --batch 4 --iters 2)
+    M=(--variant tiny --image-size 64 --batch 4 --iters 2)
 else
     device=cuda; L=(--variant large --batch 32 --steps 10 --loader-workers 6); B=(--variant base --batch 64 --steps 10 --loader-workers 6)
     S=(--variants small base --iters 20 --warmup 3); C=(--variants base --batch 64 --iters 10 --warmup 2)
+    M=(--variant base --batch 64 --iters 10 --warmup 2)
 fi
 run 170 $PY benchmarks/zero_scaling.py --device "$device" "${L[@]}" --workers 1 --stages 3 --precision bf16 \
     --out /tmp/device_check_large --json "$OUT/zero_large_bf16.json"
@@ -52,3 +57,4 @@ run 170 $PY benchmarks/zero_scaling.py --device "$device" "${B[@]}" --workers 1 
 run 150 $PY benchmarks/backbone_throughput.py --device "$device" "${S[@]}" --json "$OUT/backbone_batch8.json"
 run 90 $PY benchmarks/backbone_throughput.py --device "$device" "${C[@]}" --modes train --dtypes bf16 --compile \
     --json "$OUT/backbone_compiled_bf16.json"
+run 60 $PY benchmarks/mim_pretrain_step.py --device "$device" "${M[@]}" --dtype bf16 --json "$OUT/mim_step_bf16.json"

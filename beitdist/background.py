@@ -9,14 +9,32 @@ with `drain`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+_FORK_GUARD = threading.Lock()
+"""Held by a worker thread while it runs a call, and by `forking()`. A process forked while
+another thread is inside an import (MLflow's calls import modules lazily, seconds of them when a
+run starts) inherits that module's import lock held by a thread that does not exist in the child:
+the child hangs the first time it imports the same module. DataLoader workers are such children,
+forked at every epoch and evaluation."""
+
+
+@contextlib.contextmanager
+def forking() -> Iterator[None]:
+    """Around code that forks Python processes that go on running Python (DataLoader workers):
+    waits for the background call in progress, if any, and keeps the next one from starting until
+    the fork is done. Calls are short, except MLflow's start (its import and store set-up, a few
+    seconds once per run)."""
+    with _FORK_GUARD:
+        yield
 
 
 class OrderedWorker:
@@ -65,6 +83,7 @@ class OrderedWorker:
             if call is _STOP:
                 return
             try:
-                call()
+                with _FORK_GUARD:
+                    call()
             except BaseException:  # noqa: BLE001 -- the thread must outlive any call (see the class docstring)
                 log.exception("%s: a background call failed", self._thread.name)

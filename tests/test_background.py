@@ -64,3 +64,47 @@ def test_drain_after_close_waits_for_the_queue_and_a_base_exception_does_not_end
     assert not worker.drain(timeout=0.05)
     release.set()
     assert worker.drain(timeout=10) and seen == ["after"]
+
+
+def test_forking_waits_for_the_call_in_progress_and_holds_back_the_next():
+    """DataLoader workers are forked inside `forking()`: never while the background thread is in
+    a call (which may be importing: a child forked then can hang on that module's import lock)."""
+    from beitdist.background import forking
+
+    worker = OrderedWorker("test-worker")
+    started, release, order = threading.Event(), threading.Event(), []
+    worker.submit(lambda: (started.set(), release.wait(10), order.append("first call")))
+    assert started.wait(10)
+    threading.Timer(0.3, release.set).start()
+    with forking():
+        order.append("fork")
+        worker.submit(lambda: order.append("next call"))
+        time.sleep(0.2)  # the next call is queued but must not start while forking
+        order.append("forked")
+    assert worker.close(timeout=10)
+    assert order == ["first call", "fork", "forked", "next call"]
+
+
+def test_loader_workers_are_forked_outside_background_calls():
+    """A loader with worker processes waits for the running background call before forking them;
+    one without workers (nothing forked) does not wait."""
+    from beitdist.data.pipeline import build_loaders
+
+    digits = {"dataset": "digits", "batch_size": 8, "augment": {"mixup": 0.0, "cutmix": 0.0}}
+    worker = OrderedWorker("test-worker")
+    release = threading.Event()
+    worker.submit(lambda: release.wait(10))
+    time.sleep(0.1)
+    try:
+        in_process = build_loaders(digits, "classification", 32, 8)[0]
+        start = time.monotonic()
+        next(iter(in_process))
+        assert time.monotonic() - start < 5
+        with_workers = build_loaders({**digits, "num_workers": 1}, "classification", 32, 8)[0]
+        threading.Timer(1.0, release.set).start()
+        start = time.monotonic()
+        next(iter(with_workers))
+        assert time.monotonic() - start >= 0.8
+    finally:
+        release.set()
+        assert worker.close(timeout=10)

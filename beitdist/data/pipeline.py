@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from beitdist import background
 from beitdist.data import presets
 from beitdist.data.base import OnCorrupt, SkipCorrupt
 from beitdist.data.mixup import Mixup
@@ -188,7 +189,12 @@ class BeitLoader:
         self.collate.epoch = self.epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        batches, delivered = iter(self.dataloader), 0
+        if self.dataloader.num_workers > 0:
+            with background.forking():  # the workers are forked here (see beitdist.background)
+                batches = iter(self.dataloader)
+        else:
+            batches = iter(self.dataloader)
+        delivered = 0
         try:
             for batch in batches:
                 delivered += 1

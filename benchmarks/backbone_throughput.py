@@ -151,17 +151,25 @@ def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def train_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool) -> Callable[[], None]:
+def optimizer_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], device: torch.device,
+                   bf16: bool) -> Callable[[], None]:
+    """One training step: `loss()` under bf16 autocast when asked, backward, and torch's fused
+    AdamW, the same optimizer for every model so that it costs the same everywhere."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = logits_of(model(pixels))
-        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            value = loss()
+        value.backward()
         optimizer.step()
 
     return step
+
+
+def train_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    return optimizer_step(
+        model, lambda: torch.nn.functional.cross_entropy(logits_of(model(pixels)).float(), labels), pixels.device, bf16)
 
 
 def infer_step(model: torch.nn.Module, pixels: torch.Tensor, bf16: bool) -> Callable[[], None]:

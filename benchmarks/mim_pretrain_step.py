@@ -27,13 +27,12 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from backbone_throughput import device_name, resolve_device, synchronize
+from backbone_throughput import device_name, optimizer_step, resolve_device, synchronize
 
 import beitdist
 from beitdist.data.masking import MaskingGenerator
@@ -72,19 +71,6 @@ def loss_of(name: str, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     return torch.nn.functional.cross_entropy(logits[mask].float(), batch["labels"][mask])
 
 
-def train_step(name: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(batch["pixel_values"].device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_of(name, model, batch)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.check:  # before any step changes the weights
         with torch.no_grad():
             losses = {name: float(loss_of(name, model, batch)) for name, model in models.items()}
-    steps = {name: train_step(name, model, batch, args.dtype == "bf16") for name, model in models.items()}
+    steps = {name: optimizer_step(model, lambda name=name, model=model: loss_of(name, model, batch), args.device,
+                                  args.dtype == "bf16") for name, model in models.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step()

@@ -18,6 +18,7 @@ not persistent: each pass forks them afresh, so they see the epoch set just befo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
@@ -189,10 +190,8 @@ class BeitLoader:
         self.collate.epoch = self.epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        if self.dataloader.num_workers > 0:
-            with background.forking():  # the workers are forked here (see beitdist.background)
-                batches = iter(self.dataloader)
-        else:
+        # worker processes are forked here: between background calls (see beitdist.background)
+        with background.forking() if self.dataloader.num_workers > 0 else contextlib.nullcontext():
             batches = iter(self.dataloader)
         delivered = 0
         try:

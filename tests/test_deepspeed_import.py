@@ -27,3 +27,36 @@ def test_mlflow_imported_first_is_left_alone():
     out = _run("import sys, mlflow; from beitdist.deepspeed_import import import_deepspeed; import_deepspeed(); "
                "print(sys.modules['mlflow'] is mlflow)")
     assert out == "True"
+
+
+def test_deepspeeds_muon_module_is_imported_without_compiling_anything():
+    out = _run("import sys; from beitdist.deepspeed_import import import_deepspeed; import_deepspeed(); "
+               "from deepspeed.runtime import compiler; import torch; "
+               "from deepspeed.runtime.zero.muon import original_muon; "
+               "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'; "
+               "assert compiler.compile() is torch.compile, 'compile() left patched'; "
+               "print(original_muon.muon_update.__name__)")
+    assert out == "muon_update"
+
+
+def test_compile_on_first_call_compiles_once_when_first_called(monkeypatch):
+    import torch
+
+    from beitdist.deepspeed_import import compile_on_first_call
+
+    compiled_fns = []
+
+    def fake_compile(fn):
+        compiled_fns.append(fn)
+        return lambda *args, **kwargs: ("compiled", fn(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+    def double(x, factor=2):
+        return x * factor
+
+    lazy = compile_on_first_call(double)
+    assert compiled_fns == [] and lazy.__name__ == "double"
+    assert lazy(3) == ("compiled", 6)
+    assert lazy(3, factor=5) == ("compiled", 15)
+    assert compiled_fns == [double]

@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +61,7 @@ MLflow's default minutes of retries with backoff."""
 MARK_TAG = "beitdist.last_logged_step."
 MAX_KEY, MAX_PARAM_VALUE, PARAMS_PER_BATCH = 250, 6000, 100  # MLflow's limits
 MAX_BATCH = 1000  # MLflow's limit on metrics + tags in one log_batch
+STALE_SCRATCH_S = 3600.0  # a scratch sqlite store this old was left by a killed run (see create_sqlite_store)
 PICTURES = 4
 EXIT_DRAIN_S = 30.0
 SEND_EVERY_S = 5.0
@@ -95,10 +97,13 @@ def create_sqlite_store(uri: str) -> None:
     """Create a missing sqlite store whole or not at all: MLflow builds its tables and migrations
     in place for seconds, and a run stopped meanwhile (Ctrl-C, a killed worker) would leave a
     half-built database that every later open fails on. Build it in a temporary file beside it,
-    then link it into place (atomic); a store that appeared meanwhile wins."""
+    then link it into place (atomic); a store that appeared meanwhile wins. A process killed
+    during the build (SIGKILL, a lost node) leaves its scratch file: those older than
+    `STALE_SCRATCH_S` are removed here (a build takes seconds, so none of them is still in use)."""
     if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:" or "?" in uri:
         return  # not a plain local file (a query string carries driver options): MLflow makes it
     path = Path(uri.removeprefix("sqlite:///"))
+    _remove_stale_scratch(path)
     if path.exists():
         return
     from mlflow import MlflowClient
@@ -115,6 +120,19 @@ def create_sqlite_store(uri: str) -> None:
             pass
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _remove_stale_scratch(path: Path) -> None:
+    if not path.parent.is_dir():
+        return
+    now = time.time()
+    for scratch in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        try:
+            if now - scratch.stat().st_mtime > STALE_SCRATCH_S:
+                scratch.unlink()
+                log.info("removed %s, left by a run stopped while it built the MLflow store", scratch)
+        except OSError:  # another run removed it first, or it is not ours to remove
+            pass
 
 
 def _dispose_sqlalchemy_engines(client: Any) -> None:

@@ -507,3 +507,21 @@ def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [e.name for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()] == ["Default"]
     tracking.create_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}?timeout=20")  # driver options: MLflow's job
     assert not (tmp_path / "other.db").exists()
+
+
+def test_scratch_stores_left_by_killed_runs_are_removed_later(tmp_path):
+    """A SIGKILL during the build skips the clean-up; the next run removes what is old enough
+    to be nobody's build any more, and leaves a build that may still be in progress."""
+    db = tmp_path / "mlflow.db"
+    stale, fresh = tmp_path / ".mlflow.db.0badc0de.tmp", tmp_path / ".mlflow.db.cafe.tmp"
+    other = tmp_path / ".other.db.0badc0de.tmp"
+    for scratch in (stale, fresh, other):
+        scratch.write_bytes(b"half a database")
+    old = time.time() - tracking.STALE_SCRATCH_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    tracking.create_sqlite_store(f"sqlite:///{db}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mlflow.db", fresh.name, other.name])
+    os.utime(fresh, (old, old))
+    tracking.create_sqlite_store(f"sqlite:///{db}")  # an existing store: stale scratch goes all the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mlflow.db", other.name])

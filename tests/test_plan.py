@@ -234,6 +234,19 @@ def test_buffers_follow_beitdist_deepspeed_config(large: ParameterCount) -> None
     assert plan(large, 1, 0, "bf16").buffers == 0
 
 
+def test_only_zero3_overlaps_its_gradient_reduction_with_the_backward() -> None:
+    """ZeRO-3 keeps one reduce bucket whether it overlaps or not (the planner's count holds);
+    ZeRO-1/2 would allocate a second one, so they stay with DeepSpeed's default (off)."""
+    from beitdist.engine import EngineConfig, deepspeed_config
+    from beitdist.optim import OptimConfig
+
+    overlap = {stage: deepspeed_config(EngineConfig(zero_stage=stage), OptimConfig(), 1, 2)["zero_optimization"]
+               .get("overlap_comm") for stage in (0, 1, 2, 3)}
+    assert overlap == {0: None, 1: False, 2: False, 3: True}
+    raw = EngineConfig(zero_stage=3, raw={"zero_optimization": {"overlap_comm": False}})
+    assert deepspeed_config(raw, OptimConfig(), 1, 2)["zero_optimization"]["overlap_comm"] is False
+
+
 # ------------------------------------------------------------------ activations
 def saved_activation_bytes(model: torch.nn.Module, pixels: torch.Tensor) -> int:
     """Bytes autograd saves for backward in one forward (unique storages, parameters excluded)."""

@@ -23,6 +23,7 @@ anyway, and never compiled when never called.
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 import threading
 from collections.abc import Callable
@@ -32,22 +33,26 @@ from typing import Any
 import torch
 
 _lock = threading.Lock()
+_MUON = "deepspeed.runtime.zero.muon.original_muon"
 
 
 def import_deepspeed() -> ModuleType:
-    """`deepspeed`, imported once per process (see the module docstring); later calls are free."""
+    """`deepspeed`, imported once per process, and its Muon module with kernels compiled on first
+    use, also when the caller imported DeepSpeed first (see the module docstring); later calls
+    are free."""
     with _lock:  # the check too: another thread's import in progress leaves a half-made module there
-        if "deepspeed" in sys.modules:
-            return sys.modules["deepspeed"]
-        hide = "mlflow" not in sys.modules  # already imported: nothing to save, nothing to hide
-        if hide:
-            sys.modules["mlflow"] = None  # type: ignore[assignment]
-        try:
-            import deepspeed
-        finally:
-            if hide and sys.modules.get("mlflow", 0) is None:
-                del sys.modules["mlflow"]
-        _import_muon_compiling_lazily()
+        deepspeed = sys.modules.get("deepspeed")
+        if deepspeed is None:
+            hide = "mlflow" not in sys.modules  # already imported: nothing to save, nothing to hide
+            if hide:
+                sys.modules["mlflow"] = None  # type: ignore[assignment]
+            try:
+                import deepspeed
+            finally:
+                if hide and sys.modules.get("mlflow", 0) is None:
+                    del sys.modules["mlflow"]
+        if _MUON not in sys.modules:  # also when the caller imported DeepSpeed itself, before beitdist
+            _import_muon_compiling_lazily()
     return deepspeed
 
 
@@ -73,7 +78,7 @@ def _import_muon_compiling_lazily() -> None:
     eager = compiler.compile
     compiler.compile = lambda: compile_on_first_call
     try:
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+        importlib.import_module(_MUON)
     except ImportError:  # a DeepSpeed without Muon (before 0.17), or one that moved it
         pass
     finally:

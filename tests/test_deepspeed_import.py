@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -29,8 +31,9 @@ def test_mlflow_imported_first_is_left_alone():
     assert out == "True"
 
 
-def test_deepspeeds_muon_module_is_imported_without_compiling_anything():
-    out = _run("import sys; from beitdist.deepspeed_import import import_deepspeed; import_deepspeed(); "
+@pytest.mark.parametrize("first", ["", "import deepspeed; "], ids=["beitdist-imports-deepspeed", "caller-did"])
+def test_deepspeeds_muon_module_is_imported_without_compiling_anything(first):
+    out = _run(f"import sys; {first}from beitdist.deepspeed_import import import_deepspeed; import_deepspeed(); "
                "from deepspeed.runtime import compiler; import torch; "
                "from deepspeed.runtime.zero.muon import original_muon; "
                "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'; "

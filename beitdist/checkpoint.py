@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from beitdist.backbone.convert import (
 )
 from beitdist.backbone.resample import resample_pos_embed, resample_rel_pos_table
 from beitdist.model import BeitForTask, build_model
+from beitdist.output_paths import check_output_dir, write_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -311,31 +310,15 @@ def load_model(
 
 
 # --------------------------------------------------------------------- writing
-def _atomic_directory(out_dir: Path, write: Any) -> None:
-    """Write into a temporary sibling, then swap it in: a crash never leaves a half-written dir."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        backup = None
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out_dir.rename(backup)
-        tmp.rename(out_dir)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _tensors_for_saving(state: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike) -> Path:
-    """beitdist's own checkpoint: config + head + safetensors weights, written atomically."""
+def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """beitdist's own checkpoint: config + head + safetensors weights, written atomically.
+
+    `out_dir` must be new (or empty); an existing beitdist checkpoint is replaced only with
+    `overwrite=True`, and anything else there (a run, other files) is refused (`OutputError`)."""
     out_dir = Path(out_dir)
     meta = {
         "format": "beitdist",
@@ -348,14 +331,14 @@ def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike) -> Path:
         (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
         save_file(_tensors_for_saving(model.state_dict()), str(tmp / NATIVE_WEIGHTS))
 
-    _atomic_directory(out_dir, write)
-    return out_dir
+    return write_output_dir(out_dir, "beitdist", write, overwrite=overwrite)
 
 
-def export_hf(model: BeitForTask, out_dir: str | os.PathLike) -> Path:
+def export_hf(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """A directory that transformers' BeitModel / BeitFor* `.from_pretrained` loads with no missing
-    or unexpected keys (config.json + model.safetensors)."""
+    or unexpected keys (config.json + model.safetensors). Same output rules as `save_checkpoint`."""
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, "hf", overwrite=overwrite)
     config = model.config
     head = model.head_name
     if head not in HF_ARCHITECTURES:
@@ -378,5 +361,4 @@ def export_hf(model: BeitForTask, out_dir: str | os.PathLike) -> Path:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_file(_tensors_for_saving(hf_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
-    _atomic_directory(out_dir, write)
-    return out_dir
+    return write_output_dir(out_dir, "hf", write, overwrite=overwrite)

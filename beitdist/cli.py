@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from beitdist.backbone.config import ConfigError
 from beitdist.backbone.convert import CheckpointError
-from beitdist.errors import RunFailedError
+from beitdist.errors import InputError, RunFailedError
 from beitdist.plugins import PluginError, UnknownPluginError
 
 log = logging.getLogger("beitdist")
@@ -20,6 +20,10 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from beitdist.checkpoint import export_hf, load_model, save_checkpoint
+    from beitdist.output_paths import check_output_dir
+
+    # refused before loading: consolidating a large run's shards takes minutes
+    check_output_dir(args.output, args.to, overwrite=args.overwrite, sources=[args.source])
 
     overrides = {}
     if args.image_size is not None:
@@ -29,7 +33,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     head = None if args.head == "none" else args.head
     model = load_model(args.source, head=head, trust_pickle=args.trust_pickle, **overrides)
     writer = export_hf if args.to == "hf" else save_checkpoint
-    out = writer(model, args.output)
+    out = writer(model, args.output, overwrite=args.overwrite)
     config = model.config
     print(
         f"wrote {args.to} checkpoint {out}: {config.depth} blocks x {config.embed_dim}, "
@@ -152,13 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("source", help="unilm .pth, timm state dict, transformers directory, beitdist checkpoint, "
                          "or a training run / DeepSpeed checkpoint directory (ZeRO shards are consolidated)")
-    convert.add_argument("output", help="output directory (written atomically)")
+    convert.add_argument("output", help="a new (or empty) output directory, written atomically; never the source, "
+                         "a run directory or a directory holding other files")
     convert.add_argument("--to", choices=["hf", "beitdist"], default="hf")
     convert.add_argument("--head", default="auto",
                          help="head to build: auto (the checkpoint's own, default), none (backbone only), "
                          "or a registered head (see `beitdist plugins`)")
     convert.add_argument("--image-size", type=int, help="new resolution: position tables are resampled")
     convert.add_argument("--rel-pos-bias", choices=["shared", "per_block", "none"])
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing checkpoint of the same kind at OUTPUT (nothing else is ever replaced)")
     convert.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     convert.set_defaults(run=_cmd_convert)
     export = commands.add_parser(
@@ -226,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train",):
             _end_distributed_process(code)
         return code
-    except (CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
+    except (InputError, CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailedError as err:

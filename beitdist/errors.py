@@ -1,7 +1,16 @@
-"""Failures of a run that already started, as the CLI reports them (the input errors live beside
-the code that checks the input: ConfigError, CheckpointError, RecipeError, PluginError)."""
+"""The two kinds of failure the CLI reports in one line: bad input (exit 2) and a run that started
+and then failed (exit 1, or 2 when its root cause was bad input only the workers could see).
+
+Every error about what a user typed or pointed at derives from `InputError`, wherever it is
+raised (ConfigError, CheckpointError, RecipeError, PluginError live beside the code that checks
+the input). Anything else, a plain ValueError included, is a bug: exit 1 with its traceback."""
 
 from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input: a recipe, a path, a checkpoint, an argument. The message says what, where, and
+    what is allowed; the CLI prints it as one line and exits with 2."""
 
 
 class RunFailedError(RuntimeError):

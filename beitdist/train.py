@@ -340,7 +340,7 @@ class Trainer:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        return save_checkpoint(model, self.run_dir / "final")
+        return save_checkpoint(model, self.run_dir / "final", overwrite=True)
 
     def _finished_result(self) -> TrainResult | None:
         """A run resumed at its last step has nothing left to do: launching it again must not

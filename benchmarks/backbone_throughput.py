@@ -200,7 +200,7 @@ def build_models(variant: str, image_size: int, workdir: Path, compile_ours: boo
     transformers.utils.logging.disable_progress_bar()
     config = beitdist.variant(variant, image_size=image_size)
     ours = beitdist.build_model(config, "classification", {"num_classes": NUM_CLASSES})
-    beitdist.export_hf(ours, workdir / variant)
+    beitdist.export_hf(ours, workdir / variant, overwrite=True)
     models: dict[str, torch.nn.Module] = {"beitdist": ours}
     missing: dict[str, str] = {}
     if compile_ours:

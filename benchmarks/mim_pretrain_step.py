@@ -57,7 +57,7 @@ def build_models(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, tor
     config = beitdist.variant(args.variant, image_size=args.image_size, rel_pos_bias="shared",
                               drop_path_rate=args.drop_path)
     ours = beitdist.build_model(config, "mim", {"vocab_size": VOCAB})
-    beitdist.export_hf(ours, workdir)
+    beitdist.export_hf(ours, workdir, overwrite=True)
     theirs = transformers.BeitForMaskedImageModeling.from_pretrained(workdir, attn_implementation="sdpa")
     return {"beitdist": ours.to(args.device), "transformers-sdpa": theirs.to(args.device)}, config
 

@@ -99,7 +99,7 @@ def test_save_checkpoint_round_trip_and_atomic_overwrite(tmp_path):
     model, _ = _unilm_state(tmp_path, rel_pos_bias="shared", use_mask_token=True)
     out = tmp_path / "run" / "final"
     beitdist.save_checkpoint(model, out)
-    beitdist.save_checkpoint(model, out)  # overwrite: swapped in whole
+    beitdist.save_checkpoint(model, out, overwrite=True)  # swapped in whole
     assert sorted(os.listdir(out.parent)) == ["final"]
     loaded = beitdist.load_model(out, head="classification").eval()
     assert loaded.config == model.config and loaded.head.options() == model.head.options()
@@ -118,6 +118,6 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr("beitdist.checkpoint.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
-        beitdist.save_checkpoint(model, out)
+        beitdist.save_checkpoint(model, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["final"]

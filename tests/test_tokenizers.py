@@ -323,7 +323,7 @@ def test_failed_write_keeps_the_old_codebook(codebook16, tmp_path, monkeypatch):
 
     monkeypatch.setattr("beitdist.tokenizers.codebook.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_codebook(load_codebook(codebook16), target)
+        save_codebook(load_codebook(codebook16), target, overwrite=True)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["book.safetensors"]
 
 
@@ -359,7 +359,7 @@ def test_cli_fit_image_folder(tmp_path, capsys):
             "--vocab-size", "4", "--patch-size", "4", "--input-size", "16"]
     assert run_cli(argv) == 0 and "fitted on 3 images" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"nothere: not a directory"):
-        run_cli(["tokenizer", "fit", "--images", str(tmp_path / "nothere"), "--out", str(out)])
+        run_cli(["tokenizer", "fit", "--images", str(tmp_path / "nothere"), "--out", str(tmp_path / "new.safetensors")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no \.jpg/\.jpeg/\.png images found"):
-        run_cli(["tokenizer", "fit", "--images", str(tmp_path / "empty"), "--out", str(out)])
+        run_cli(["tokenizer", "fit", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "new.safetensors")])

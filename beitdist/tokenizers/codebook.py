@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from beitdist.hookspecs import hookimpl
+from beitdist.output_paths import check_output_file, follow_umask
 from beitdist.schema import check
 from beitdist.tokenizers.base import Tokenizer
 
@@ -92,10 +93,20 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 1 << 22) -> t
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 
-def save_codebook(codebook: Codebook, path: str | os.PathLike) -> Path:
+def is_codebook_file(path: Path) -> bool:
+    """Whether `path` is a file this module wrote (safetensors with the codebook format tag)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a codebook
+        return False
+
+
+def save_codebook(codebook: Codebook, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write atomically (temp file in the same directory, then os.replace): a crash never leaves a
-    half-written codebook where a training run would read it."""
-    path = Path(path)
+    half-written codebook where a training run would read it. An existing codebook at `path` is
+    replaced only with `overwrite`; any other file there is refused (`OutputError`)."""
+    path = check_output_file(path, "codebook", is_codebook_file, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "centroids": codebook.centroids.detach().float().contiguous().cpu(),
@@ -106,10 +117,10 @@ def save_codebook(codebook: Codebook, path: str | os.PathLike) -> Path:
         "std": codebook.std.detach().float().contiguous().cpu(),
         "eps": torch.tensor(float(codebook.eps), dtype=torch.float32),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "version": VERSION})
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

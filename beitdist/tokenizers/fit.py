@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beitdist.tokenizers.codebook import FEATURES, Codebook, features, nearest, patchify, save_codebook
+from beitdist.output_paths import check_output_file
+from beitdist.tokenizers.codebook import FEATURES, Codebook, features, is_codebook_file, nearest, patchify, save_codebook
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,12 @@ def fit_codebook(
     max_patches: int = 50_000,
     feature: str = "pixels",
     batch_size: int = 256,
+    overwrite: bool = False,
 ) -> Path:
     """Fit a `vocab_size`-token codebook on the P x P patches of `images` (a tensor (N, 3, H, W)
-    in [0, 1] or an iterable of PIL images, resized to `input_size`) and write it to `out_path`."""
+    in [0, 1] or an iterable of PIL images, resized to `input_size`) and write it to `out_path`
+    (a new file, or an existing codebook with `overwrite`: checked before fitting)."""
+    check_output_file(out_path, "codebook", is_codebook_file, overwrite=overwrite)
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
     if patch_size < 1 or input_size < patch_size or input_size % patch_size:
@@ -160,7 +164,7 @@ def fit_codebook(
     codebook = Codebook(torch.empty(0), patch_size, input_size, feature, mean, std)
     x = features(patches, feature, mean, std, codebook.eps)
     codebook.centroids, error = kmeans(x, vocab_size, iters, gen)
-    path = save_codebook(codebook, out_path)
+    path = save_codebook(codebook, out_path, overwrite=overwrite)
     log.info(
         "codebook %s: %d tokens from %d patches of %d images, mean squared feature error %.4f",
         path, vocab_size, x.shape[0], n_images, error,
@@ -198,6 +202,7 @@ def _open_images(files: list[Path]) -> Iterator[Any]:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    check_output_file(args.out, "codebook", is_codebook_file, overwrite=args.overwrite)
     if args.images == "digits":
         images: Any = load_digits_images(args.input_size, args.max_images)[0]
         n_images, source = images.shape[0], "scikit-learn digits"
@@ -210,7 +215,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     path = fit_codebook(
         images, args.out, vocab_size=args.vocab_size, patch_size=args.patch_size,
         input_size=args.input_size, iters=args.iters, seed=args.seed, max_patches=args.max_patches,
-        feature=args.feature,
+        feature=args.feature, overwrite=args.overwrite,
     )
     grid = args.input_size // args.patch_size
     print(
@@ -240,6 +245,7 @@ def add_tokenizer_cli(subparsers: Any) -> argparse.ArgumentParser:
         "(scikit-learn's 8x8 digits; write ./digits for a folder of that name)",
     )
     fit.add_argument("--out", required=True, help="codebook file to write (.safetensors, written atomically)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing codebook at --out")
     fit.add_argument("--vocab-size", type=int, default=512, help="number of tokens (k-means centroids)")
     fit.add_argument("--patch-size", type=int, default=8, help="patch side in pixels of the tokenizer's view")
     fit.add_argument("--input-size", type=int, default=112, help="side in pixels the images are resized to")

@@ -96,7 +96,13 @@ def beitdist_on_train_end(context: TrainContext, step: int, metrics: dict[str, f
     with `beitdist.load_model`. Not called when a run stops early (`train.stop_at`) or fails."""
 
 
-REGISTRATION_HOOKS = ("beitdist_register_heads", "beitdist_register_tokenizers", "beitdist_register_datasets")
-EVENT_HOOKS = ("beitdist_on_train_start", "beitdist_on_step_end", "beitdist_on_eval_end", "beitdist_on_checkpoint_start",
-               "beitdist_on_checkpoint_saved", "beitdist_on_train_failed",
-               "beitdist_on_train_end")
+def _spec_names(prefix: str) -> tuple[str, ...]:
+    """The hook specifications of this module whose names start with `prefix`, in source order:
+    the lists below follow the specs, so a new hook needs no second edit."""
+    marker = f"{PROJECT}_spec"
+    return tuple(name for name, obj in list(globals().items())
+                 if name.startswith(prefix) and callable(obj) and hasattr(obj, marker))
+
+
+REGISTRATION_HOOKS = _spec_names("beitdist_register_")
+EVENT_HOOKS = _spec_names("beitdist_on_")

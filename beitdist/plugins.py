@@ -3,8 +3,9 @@
 `get_plugin_manager()` registers the built-in plugins (listed in `BUILTIN_PLUGINS`, also declared
 as entry points in setup.cfg like any third-party package), loads the entry points of the group
 `beitdist` unless BEITDIST_DISABLE_PLUGIN_AUTOLOAD=1, and calls `check_pending()` so that a
-misspelt hook fails loudly. `get_registries()` runs the registration hooks plugin by plugin, so
-every entry knows the plugin and package it came from.
+misspelt hook fails loudly. `get_registries()` calls each registration hook once through pluggy
+(so hookwrappers, `tryfirst`/`trylast` and impls taking fewer arguments behave as pluggy
+documents), and every entry knows the plugin and package whose hook added it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any
 
 import pluggy
@@ -51,17 +54,46 @@ class Entry:
     package: str
 
 
-class Registry:
-    """Entries of one kind (heads, tokenizers, datasets), each validated when added."""
+DIRECT = ("<direct>", "<unknown>", -1)
+"""Provenance of an entry added outside any registration hook: (plugin, package, registration rank)."""
 
-    def __init__(self, kind: str, problems: Callable[[Any], list[str]]) -> None:
+
+def _code_of(function: Any) -> CodeType | None:
+    return getattr(getattr(function, "__func__", function), "__code__", None)
+
+
+class Registry:
+    """Entries of one kind (heads, tokenizers, datasets), each validated when added.
+
+    `add` attributes an entry to the hook implementation it is called from (directly or through
+    helpers): it looks up the call stack for the code of one of the `owners` that
+    `collect_registries` passes, so one call of the hook through pluggy registers every plugin's
+    entries with their own plugin and package names. pluggy calls the plugin registered last
+    first; a name taken twice is blamed on the plugin registered later (the rank in `owners`),
+    so a third-party package reusing a built-in name is the one named as the culprit."""
+
+    def __init__(self, kind: str, problems: Callable[[Any], list[str]],
+                 owners: Mapping[CodeType, tuple[str, str, int]] | None = None) -> None:
         self.kind = kind
         self._problems = problems
         self._entries: dict[str, Entry] = {}
-        self._source = ("<direct>", "<unknown>")
+        self._ranks: dict[str, int] = {}
+        self._owners = dict(owners or {})
+
+    def _caller(self) -> tuple[str, str, int]:
+        frame = inspect.currentframe()
+        try:
+            while frame is not None:
+                owner = self._owners.get(frame.f_code)
+                if owner is not None:
+                    return owner
+                frame = frame.f_back
+            return DIRECT
+        finally:
+            del frame
 
     def add(self, obj: Any) -> None:
-        plugin, package = self._source
+        plugin, package, rank = self._caller()
         problems = self._problems(obj)
         if problems:
             raise PluginError(
@@ -70,12 +102,15 @@ class Registry:
             )
         name = obj.name
         if name in self._entries:
-            first = self._entries[name]
+            first, second = self._entries[name], Entry(name, obj, plugin, package)
+            if 0 <= rank < self._ranks[name]:  # the plugin already holding the name came later
+                first, second = second, first
             raise PluginError(
-                f"plugin {plugin!r} (package {package}) registered the {self.kind} name {name!r}, "
+                f"plugin {second.plugin!r} (package {second.package}) registered the {self.kind} name {name!r}, "
                 f"already taken by plugin {first.plugin!r} (package {first.package})"
             )
         self._entries[name] = Entry(name, obj, plugin, package)
+        self._ranks[name] = rank
 
     def get(self, name: str) -> Any:
         return self.entry(name).obj
@@ -164,23 +199,24 @@ def _packages(pm: pluggy.PluginManager) -> dict[int, str]:
 
 
 def collect_registries(pm: pluggy.PluginManager) -> Registries:
-    """Run the registration hooks one plugin at a time and collect the callback plugins."""
-    registries = Registries(
-        heads=Registry("head", _head_problems),
-        tokenizers=Registry("tokenizer", _tokenizer_problems),
-        datasets=Registry("dataset", _dataset_problems),
-    )
+    """Call each registration hook once through pluggy and collect the callback plugins."""
     packages = _packages(pm)
-    targets = {
-        "beitdist_register_heads": registries.heads,
-        "beitdist_register_tokenizers": registries.tokenizers,
-        "beitdist_register_datasets": registries.datasets,
-    }
-    for hook_name, registry in targets.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            registry._source = (impl.plugin_name, packages.get(id(impl.plugin), BUILTIN_PACKAGE))
-            impl.function(registry=registry)
-        registry._source = ("<direct>", "<unknown>")
+
+    def registry(kind: str, hook_name: str, problems: Callable[[Any], list[str]]) -> Registry:
+        ranks = {name: rank for rank, (name, _) in enumerate(pm.list_name_plugin())}
+        impls = getattr(pm.hook, hook_name).get_hookimpls()
+        owners = {_code_of(impl.function): (impl.plugin_name, packages.get(id(impl.plugin), BUILTIN_PACKAGE),
+                                            ranks.get(impl.plugin_name, len(ranks))) for impl in impls}
+        return Registry(kind, problems, {code: owner for code, owner in owners.items() if code is not None})
+
+    registries = Registries(
+        heads=registry("head", "beitdist_register_heads", _head_problems),
+        tokenizers=registry("tokenizer", "beitdist_register_tokenizers", _tokenizer_problems),
+        datasets=registry("dataset", "beitdist_register_datasets", _dataset_problems),
+    )
+    pm.hook.beitdist_register_heads(registry=registries.heads)
+    pm.hook.beitdist_register_tokenizers(registry=registries.tokenizers)
+    pm.hook.beitdist_register_datasets(registry=registries.datasets)
     for name, plugin in pm.list_name_plugin():
         if any(hasattr(plugin, hook) for hook in hookspecs.EVENT_HOOKS):
             registries.callbacks.append(Entry(name, plugin, name, packages.get(id(plugin), BUILTIN_PACKAGE)))

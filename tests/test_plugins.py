@@ -261,6 +261,104 @@ def test_builtins_are_declared_as_entry_points_like_third_party_ones():
         assert f"{module} = {module}" in setup
 
 
+# ------------------------------------------------- a package found by entry point only
+THIRD_PARTY_MODULE = '''
+"""A third-party plugin module: a head, a hookwrapper around every plugin's head registration,
+and event hooks that take fewer arguments than the spec."""
+import beitdist
+import torch
+import torch.nn.functional as F
+
+SEEN = []
+
+
+class PooledProbe(beitdist.Head):
+    name = "pooled_probe"
+    needs = "pooled"
+
+    def __init__(self, backbone, options=None):
+        super().__init__(backbone, options)
+        self.fc = torch.nn.Linear(backbone.embed_dim, 3)
+
+    def forward(self, features, bool_masked_pos=None):
+        return self.fc(features)
+
+    def loss(self, output, batch):
+        return F.cross_entropy(output.logits, batch["labels"])
+
+
+def _add(registry):  # a helper between the hook and registry.add: provenance still found
+    registry.add(PooledProbe)
+
+
+@beitdist.hookimpl
+def beitdist_register_heads(registry):
+    _add(registry)
+
+
+@beitdist.hookimpl(wrapper=True)
+def beitdist_register_tokenizers(registry):
+    SEEN.append(("tokenizers before", len(registry.names())))
+    result = yield
+    SEEN.append(("tokenizers after", len(registry.names())))
+    return result
+
+
+@beitdist.hookimpl(hookwrapper=True)
+def beitdist_register_datasets():
+    SEEN.append("datasets (old-style wrapper, no arguments)")
+    yield
+
+
+@beitdist.hookimpl
+def beitdist_on_train_start():
+    SEEN.append("train start (no arguments)")
+
+
+@beitdist.hookimpl
+def beitdist_on_step_end(step):
+    SEEN.append(("step", step))
+'''
+
+
+@pytest.fixture
+def third_party_site(tmp_path, monkeypatch):
+    """An installed distribution (dist-info with an entry point of the group `beitdist`) on
+    sys.path: discovery goes through importlib.metadata exactly as for site-packages."""
+    site = tmp_path / "site"
+    (site / "probe_plugin-1.2.dist-info").mkdir(parents=True)
+    (site / "probe_plugin.py").write_text(THIRD_PARTY_MODULE)
+    (site / "probe_plugin-1.2.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-plugin\nVersion: 1.2\n")
+    (site / "probe_plugin-1.2.dist-info" / "entry_points.txt").write_text("[beitdist]\nprobe = probe_plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    plugins.reset()
+    yield site
+    plugins.reset()
+    import sys
+    sys.modules.pop("probe_plugin", None)
+
+
+def test_entry_point_plugin_with_wrappers_and_fewer_argument_impls(third_party_site, tmp_path):
+    import probe_plugin
+
+    registries = plugins.get_registries()
+    entry = registries.heads.entry("pooled_probe")
+    assert (entry.plugin, entry.package) == ("probe", "probe-plugin 1.2")
+    assert registries.heads.entry("classification").package == plugins.BUILTIN_PACKAGE
+    # the new-style wrapper saw the registry before and after every tokenizer impl ran
+    assert probe_plugin.SEEN[:3] == [("tokenizers before", 0), ("tokenizers after", len(registries.tokenizers.names())),
+                                    "datasets (old-style wrapper, no arguments)"]
+    assert registries.tokenizers.names() and registries.datasets.names()
+    assert "probe" in [c.name for c in registries.callbacks]
+    context = TrainContext(run_name="probe", run_dir=tmp_path)
+    plugins.emit("beitdist_on_train_start", context=context)
+    plugins.emit("beitdist_on_step_end", context=context, step=7, metrics={})
+    assert probe_plugin.SEEN[-2:] == ["train start (no arguments)", ("step", 7)]
+    model = beitdist.build_model(TINY, "pooled_probe")
+    assert model(torch.zeros(2, 3, 32, 32)).logits.shape == (2, 3)
+
+
 # ---------------------------------------------------------------- meta-tests
 HOOKS = [name for name in dir(hookspecs) if name.startswith("beitdist_")]
 

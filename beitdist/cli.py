@@ -67,6 +67,9 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=check_paths))
     plan = make_plan(recipe, uses_gpu(recipe))
     print(plan.describe(recipe))
+    problem = plan.fit_problem()
+    if problem is not None:  # refused before Ray starts; a dry run says the same
+        raise InputError(problem)
     if args.dry_run:
         return EXIT_OK
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -78,10 +81,17 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from beitdist.plan import activation_bytes, all_plans, count_parameters, smallest_fit
+    from beitdist.plan import GIB, activation_bytes, all_plans, count_parameters, smallest_fit
     from beitdist.recipe import load_recipe
 
+    # every argument is checked before anything is printed: a half-printed table and then an
+    # error reads as a result
+    if args.gpus is not None and args.gpus < 1:
+        raise InputError(f"--gpus: expected a number of ranks >= 1, got {args.gpus}")
+    device_bytes = _parse_size(args.gpu_mem) if args.gpu_mem else None
     recipe = load_recipe(args.recipe, args.set)
+    if device_bytes is None and recipe.scaling.gpu_memory_gb is not None:
+        device_bytes = recipe.scaling.gpu_memory_gb * GIB
     backbone = recipe.model.backbone_config()
     world = args.gpus or recipe.scaling.num_workers
     params = count_parameters(backbone, recipe.head.name, recipe.head.options)
@@ -92,20 +102,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"{recipe.data.batch_size} per rank, {world} ranks, {recipe.engine.precision}")
     for p in plans:
         print("  " + p.describe())
-    if args.gpu_mem:
-        fit = smallest_fit(plans, _parse_size(args.gpu_mem))
-        print(f"smallest setting that fits {args.gpu_mem}: " + (fit.describe().split("  ")[0] if fit else "none "
+    if device_bytes is not None:
+        source = args.gpu_mem or f"{recipe.scaling.gpu_memory_gb:g} GB (scaling.gpu_memory_gb)"
+        fit = smallest_fit(plans, device_bytes)
+        print(f"smallest setting that fits {source}: " + (fit.describe().split("  ")[0] if fit else "none "
               "(add ranks, lower the batch, or turn on activation checkpointing)"))
     return EXIT_OK
 
 
+SIZE_UNITS = {"T": 1024**4, "G": 1024**3, "M": 1024**2}
+
+
 def _parse_size(text: str) -> float:
+    """'80GB', '80G', '80GiB', '512MB', '80' (GB) -> bytes (binary units, as GPU memory is quoted)."""
     value = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"G": 1024**3, "M": 1024**2, "T": 1024**4}.get(value[-1:], None)
+    scale = SIZE_UNITS.get(value[-1:])
     try:
-        return float(value[:-1]) * scale if scale else float(value) * 1024**3
+        size = float(value[:-1] if scale else value) * (scale or SIZE_UNITS["G"])
     except ValueError:
-        raise ValueError(f"--gpu-mem: expected a size like 80GB, got {text!r}") from None
+        size = float("nan")
+    if not size > 0 or size == float("inf"):
+        raise InputError(f"--gpu-mem: expected a positive size like 80GB, 40GiB or 512MB, got {text!r}")
+    return size
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -205,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--gpus", type=int, help="number of ranks (default: the recipe's scaling.num_workers)")
-    plan.add_argument("--gpu-mem", help="device memory per GPU, e.g. 80GB: report the smallest setting that fits")
+    plan.add_argument("--gpu-mem", help="device memory per GPU, e.g. 80GB: report the smallest setting that fits "
+                      "(default: the recipe's scaling.gpu_memory_gb)")
     plan.set_defaults(run=_cmd_plan)
 
     from beitdist.recipe_cli import add_validate_cli

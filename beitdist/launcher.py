@@ -44,6 +44,28 @@ class LaunchPlan:
     params: int
     per_rank_gib: float
     host_gib: float
+    device_gib: float | None = None
+    """scaling.gpu_memory_gb: the memory of each worker's GPU, when the recipe states it."""
+    fitting_setting: str | None = None
+    """The least-sharded ZeRO / offload setting that fits `device_gib`, if any."""
+
+    @property
+    def checks_fit(self) -> bool:
+        return self.use_gpu and self.device_gib is not None
+
+    @property
+    def fits(self) -> bool:
+        return not self.checks_fit or self.per_rank_gib <= self.device_gib
+
+    def fit_problem(self) -> str | None:
+        """Why the run would run out of GPU memory, in one line, or None."""
+        if self.fits:
+            return None
+        hint = (f"the smallest setting that fits is {self.fitting_setting} (engine.zero_stage / offload)"
+                if self.fitting_setting else "no ZeRO stage or offload fits: add workers, lower data.batch_size "
+                "or turn on engine.activation_checkpointing")
+        return (f"scaling.gpu_memory_gb: the plan needs ~{self.per_rank_gib:.1f} GiB per GPU, more than the "
+                f"{self.device_gib:g} GiB stated; {hint}")
 
     def describe(self, recipe: Recipe) -> str:
         device = "GPU" if self.use_gpu else "CPU"
@@ -58,6 +80,9 @@ class LaunchPlan:
         ]
         if self.use_gpu:
             lines.append(f"needs          {self.world_size} GPUs with >= {self.per_rank_gib:.0f} GiB each")
+        if self.checks_fit:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"fit            {verdict} in {self.device_gib:g} GiB per GPU (scaling.gpu_memory_gb)")
         return "\n".join(lines)
 
 
@@ -80,7 +105,7 @@ def uses_gpu(recipe: Recipe, cluster_gpus: float | None = None) -> bool:
 
 
 def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
-    from beitdist.plan import activation_bytes, count_parameters, plan
+    from beitdist.plan import GIB, activation_bytes, all_plans, count_parameters, plan, smallest_fit
 
     world = recipe.scaling.num_workers
     recipe = recipe.at_world_size(world)
@@ -91,9 +116,15 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
                                    recipe.engine.activation_checkpointing)
     memory = plan(params, world, engine["zero_stage"], recipe.engine.precision, engine["offload_optimizer"],
                   engine["offload_params"], activations, largest_layer=params.largest_layer)
+    device_gib = recipe.scaling.gpu_memory_gb
+    fitting = None
+    if device_gib is not None:
+        options = all_plans(params, world, recipe.engine.precision, activations, largest_layer=params.largest_layer)
+        best = smallest_fit(options, device_gib * GIB)
+        fitting = best.name if best is not None else None
     return LaunchPlan(world, use_gpu, recipe.data.batch_size, recipe.engine.grad_accum, recipe.global_batch,
-                      engine["zero_stage"], recipe.train.steps, params, memory.device_total / 1024**3,
-                      memory.cpu / 1024**3)
+                      engine["zero_stage"], recipe.train.steps, params, memory.device_total / GIB,
+                      memory.cpu / GIB, device_gib, fitting)
 
 
 class ProgressBar:

@@ -365,3 +365,49 @@ def test_launch_plan_uses_the_recipe_setting() -> None:
     zero3 = next(p for p in in22k_plans() if (p.stage, p.offload_optimizer) == (3, False))
     assert launch.zero_stage == 3
     assert launch.per_rank_gib == pytest.approx(zero3.device_total / GIB)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--gpus", "-2"], "--gpus: expected a number of ranks >= 1, got -2"),
+    (["--gpus", "0"], "--gpus: expected a number of ranks >= 1, got 0"),
+    (["--gpu-mem", "80gigs"], "--gpu-mem: expected a positive size like 80GB"),
+    (["--gpu-mem=-4GB"], "--gpu-mem: expected a positive size like 80GB"),
+])
+def test_bad_plan_arguments_are_refused_before_any_output(capsys, extra, message) -> None:
+    from beitdist.cli import main
+
+    assert main(["plan", LARGE_IN22K, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"beitdist plan: error: {message}")
+
+
+def test_gpu_memory_gb_is_the_default_device_size_of_plan(capsys) -> None:
+    from beitdist.cli import main
+
+    assert main(["plan", LARGE_IN22K, "--gpus", "16", "--set", "scaling.gpu_memory_gb=16"]) == 0
+    chosen = re.search(r"smallest setting that fits 16 GB \(scaling.gpu_memory_gb\): (.+)$", capsys.readouterr().out,
+                       re.M).group(1).strip()
+    assert chosen == smallest_fit(in22k_plans(), 16 * GIB).name
+
+
+def test_launch_refuses_a_plan_that_does_not_fit_gpu_memory_gb(capsys, tmp_path) -> None:
+    from beitdist.launcher import make_plan
+    from beitdist.recipe import load_recipe
+
+    recipe = load_recipe(LARGE_IN22K, ["scaling.gpu_memory_gb=4"])
+    launch = make_plan(recipe, use_gpu=True)
+    assert not launch.fits and "does NOT fit in 4 GiB" in launch.describe(recipe)
+    assert launch.fit_problem().startswith("scaling.gpu_memory_gb: the plan needs ~")
+    roomy = make_plan(load_recipe(LARGE_IN22K, ["scaling.gpu_memory_gb=80"]), use_gpu=True)
+    assert roomy.fits and roomy.fit_problem() is None and "fits in 80 GiB" in roomy.describe(recipe)
+    assert make_plan(recipe, use_gpu=False).fits  # CPU workers: GPU memory does not apply
+
+    from beitdist.cli import main
+
+    code = main(["launch", LARGE_IN22K, "--dry-run", "--set", "scaling.gpu_memory_gb=4", "--set",
+                 "scaling.use_gpu=true", "--set", f"output_dir={tmp_path}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "does NOT fit" in captured.out
+    assert captured.err.strip().splitlines()[0].startswith("beitdist launch: error: scaling.gpu_memory_gb: the plan")

@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from beitdist.backbone.config import BackboneConfig, ConfigError
@@ -62,23 +64,39 @@ class LoadedCheckpoint:
 
 
 # --------------------------------------------------------------------- reading
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return CheckpointError(f"{path}: corrupt or not a checkpoint ({type(err).__name__}: {first[:200]})")
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
         # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # only a well-formed pickle naming a class the safe loader refuses is worth trusting;
+        # anything else (random bytes, a truncated file) fails the same way with trust_pickle
+        if trust_pickle or "Unsupported global" not in str(err):
+            raise _corrupt(path, err) from None
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"the class {refused.group(1)}" if refused else "arbitrary objects"
         raise CheckpointError(
-            f"{path}: refused to unpickle arbitrary objects ({str(err).splitlines()[0]}). If you trust this "
-            "file, load it with trust_pickle=True (CLI: --trust-pickle)"
+            f"{path}: refused to unpickle {what}. If you trust this file, load it with trust_pickle=True "
+            "(CLI: --trust-pickle)"
         ) from None
+    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise _corrupt(path, err) from None
 
 
 def _read_tensors(path: Path, trust_pickle: bool) -> Any:
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise _corrupt(path, err) from None
     return _torch_load(path, trust_pickle)
 
 
@@ -99,7 +117,7 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
 def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
     if (path / NATIVE_CONFIG).exists():
         meta = json.loads((path / NATIVE_CONFIG).read_text())
-        state = load_file(str(path / NATIVE_WEIGHTS))
+        state = _read_tensors(path / NATIVE_WEIGHTS, trust_pickle=False)
         try:
             config = BackboneConfig.from_dict(meta["backbone"])
         except (KeyError, TypeError, ConfigError) as err:

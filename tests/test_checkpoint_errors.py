@@ -121,3 +121,34 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         beitdist.save_checkpoint(model, out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["final"]
+
+
+def _corrupt_files(tmp_path):
+    model, _ = _unilm_state(tmp_path)
+    beitdist.save_checkpoint(model, tmp_path / "native")
+    weights = (tmp_path / "native" / "model.safetensors").read_bytes()
+    (tmp_path / "native" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "half.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
+    torch.save(model.state_dict(), tmp_path / "whole.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:3000])
+    return ["native", "half.safetensors", "random.pth", "truncated.pth"]
+
+
+def test_corrupt_files_are_checkpoint_errors_with_or_without_trust_pickle(tmp_path):
+    for name in _corrupt_files(tmp_path):
+        for trust in (False, True):
+            with pytest.raises(CheckpointError, match="corrupt or not a checkpoint") as caught:
+                beitdist.load_model(tmp_path / name, trust_pickle=trust)
+            assert "trust_pickle" not in str(caught.value), name  # trusting would not help
+
+
+def test_corrupt_checkpoint_through_the_cli_is_one_line(tmp_path, capsys):
+    from beitdist.cli import main
+
+    for name in _corrupt_files(tmp_path):
+        for extra in ([], ["--trust-pickle"]):
+            assert main(["convert", str(tmp_path / name), str(tmp_path / "out"), *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "corrupt or not a checkpoint" in err[0], err
+    assert not (tmp_path / "out").exists()

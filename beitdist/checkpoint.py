@@ -65,8 +65,10 @@ class LoadedCheckpoint:
 
 # --------------------------------------------------------------------- reading
 def _corrupt(path: Path, err: BaseException) -> CheckpointError:
-    first = (str(err).strip().splitlines() or [""])[0]
-    return CheckpointError(f"{path}: corrupt or not a checkpoint ({type(err).__name__}: {first[:200]})")
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's own words, without its advice
+    reason = unpickler.group(1) if unpickler else (text.strip().splitlines() or [""])[0]
+    return CheckpointError(f"{path}: corrupt or not a checkpoint ({type(err).__name__}: {reason.strip()[:200]})")
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -87,7 +89,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             f"{path}: refused to unpickle {what}. If you trust this file, load it with trust_pickle=True "
             "(CLI: --trust-pickle)"
         ) from None
-    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+    except Exception as err:  # noqa: BLE001 - garbage bytes fail anywhere in the unpickler (IndexError, ...)
         raise _corrupt(path, err) from None
 
 

@@ -8,10 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from beitdist.backbone.config import ConfigError
-from beitdist.backbone.convert import CheckpointError
 from beitdist.errors import InputError, RunFailedError
-from beitdist.plugins import PluginError, UnknownPluginError
 
 log = logging.getLogger("beitdist")
 
@@ -43,12 +40,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from beitdist.engine import DistInfo
+    from beitdist.engine import DistInfo, uses_cuda
+    from beitdist.preflight import preflight
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
     from beitdist.train import run
 
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=not args.skip_paths))
+    preflight(recipe, this_machine=not args.skip_paths, gpu=uses_cuda())
     result = run(recipe, DistInfo.from_env())
     if result.final_dir is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
@@ -59,12 +58,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     from beitdist.launcher import launch, make_plan, uses_gpu
+
+    # a dry run plans a recipe that may be meant for another machine: its data need not be here
+    from beitdist.preflight import preflight
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
 
-    # a dry run plans a recipe that may be meant for another machine: its data need not be here
     check_paths = not (args.skip_paths or args.dry_run)
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=check_paths))
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    # a cluster's devices are known only once connected: "auto" is decided there
+    gpu = None if address and recipe.scaling.use_gpu == "auto" else uses_gpu(recipe)
+    preflight(recipe, this_machine=check_paths, gpu=gpu)
     plan = make_plan(recipe, uses_gpu(recipe))
     print(plan.describe(recipe))
     problem = plan.fit_problem()
@@ -72,7 +77,6 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise InputError(problem)
     if args.dry_run:
         return EXIT_OK
-    address = args.address or os.environ.get("RAY_ADDRESS")
     result = launch(recipe, address=address)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
     print(f"finished {recipe.name} at step {result['step']}: {metrics}")
@@ -252,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train",):
             _end_distributed_process(code)
         return code
-    except (InputError, CheckpointError, ConfigError, PluginError, UnknownPluginError, ValueError) as err:
+    except InputError as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailedError as err:
@@ -262,6 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt as err:
         print(f"beitdist {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as err:  # a bug, not bad input: exit 1, the traceback under -v
+        if args.verbose:
+            log.exception("beitdist %s failed", args.command)
+        print(f"beitdist {args.command}: internal error: {type(err).__name__}: {err}"
+              + ("" if args.verbose else " (run with -v for the traceback)"), file=sys.stderr)
         return EXIT_FAILED
 
 

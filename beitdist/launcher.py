@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from beitdist.errors import RunFailedError
+from beitdist.errors import InputError, RunFailedError
 from beitdist.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """The launch cannot start (cluster unreachable, impossible scaling); nothing was started."""
 
 
@@ -254,7 +254,7 @@ def _run_failed(recipe: Recipe, error: BaseException, max_failures: int) -> RunF
     restarts = "no restarts allowed" if max_failures == 0 else f"after {max_failures} restarts" if max_failures > 0 \
         else "restarts unlimited"
     message = f"run {recipe.name!r} failed on its workers ({restarts}): {what}; {_checkpoint_note(recipe)}"
-    return RunFailedError(message, exit_code=2 if isinstance(cause, ValueError) else 1)
+    return RunFailedError(message, exit_code=2 if isinstance(cause, InputError) else 1)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

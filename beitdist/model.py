@@ -10,6 +10,7 @@ from torch import nn
 
 from beitdist.backbone.beit import Beit
 from beitdist.backbone.config import BackboneConfig
+from beitdist.errors import InputError
 from beitdist.heads.base import Head, HeadOutput
 from beitdist.outputs import ModelOutput
 
@@ -20,12 +21,12 @@ class BeitForTask(nn.Module):
     def __init__(self, backbone: Beit, head: Head | None = None) -> None:
         super().__init__()
         if head is not None and head.pooling is not None and backbone.config.pooling not in head.pooling:
-            raise ValueError(
+            raise InputError(
                 f"head {head.name!r} needs backbone pooling in {list(head.pooling)}, "
                 f"got {backbone.config.pooling!r}"
             )
         if head is not None and head.uses_mask and not backbone.config.use_mask_token:
-            raise ValueError(f"head {head.name!r} needs a backbone with use_mask_token=True")
+            raise InputError(f"head {head.name!r} needs a backbone with use_mask_token=True")
         self.backbone = backbone
         self.head = head
 
@@ -56,7 +57,7 @@ class BeitForTask(nn.Module):
 
     def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.head is None:
-            raise ValueError("a bare backbone has no loss; build the model with a head")
+            raise InputError("a bare backbone has no loss; build the model with a head")
         return self.head.loss(output, batch)
 
 
@@ -87,7 +88,7 @@ def build_model(config: BackboneConfig, head: str | None = None, head_options: A
     if head_module is not None and head_module.needs == "pyramid":
         indices = tuple(head_module.block_indices)
         if not indices or not all(-config.depth <= i < config.depth for i in indices):
-            raise ValueError(
+            raise InputError(
                 f"head {head_module.name!r} needs the backbone's blocks {list(indices)}, but the backbone has "
                 f"{config.depth} blocks (block_indices must be set in the head's constructor, 0-based)"
             )

@@ -23,6 +23,7 @@ from typing import Any
 import pluggy
 
 from beitdist import hookspecs
+from beitdist.errors import InputError
 
 DISABLE_AUTOLOAD_ENV = "BEITDIST_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PACKAGE = "beitdist (built-in)"
@@ -38,11 +39,11 @@ BUILTIN_PLUGINS = (
 )
 
 
-class PluginError(ValueError):
+class PluginError(InputError):
     """A plugin broke the contract (duplicate name, missing attribute, bad hook); names the plugin."""
 
 
-class UnknownPluginError(ValueError):
+class UnknownPluginError(InputError):
     """A name that no installed plugin provides; the message lists the available ones."""
 
 

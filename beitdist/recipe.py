@@ -29,6 +29,7 @@ import yaml
 from beitdist.backbone.config import VARIANTS, BackboneConfig, variant
 from beitdist.data.pipeline import DataConfig
 from beitdist.engine import EngineConfig
+from beitdist.errors import InputError
 from beitdist.optim import OptimConfig
 from beitdist.schema import OptionsError, check, parse, to_dict
 
@@ -44,7 +45,7 @@ Origins = dict[tuple[str, ...], str]
 _LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode() for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot run; the message starts with the file and field path, on ONE line
     (line breaks inside keys or values are shown escaped)."""
 
@@ -172,6 +173,18 @@ class ScalingSection:
               "gpu_memory_gb", f"expected a size in GB > 0 or null, got {self.gpu_memory_gb}")
 
 
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
+"""MLflow tracking URI schemes (a database scheme may carry a driver: postgresql+psycopg2)."""
+
+
+def _uri_scheme(uri: str) -> str:
+    """The scheme of a URI, "" for a plain (or Windows drive-letter) path."""
+    head, sep, _ = uri.strip().partition(":")
+    if not sep or len(head) == 1 or not head.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return ""
+    return head.lower().split("+")[0]
+
+
 @dataclass(frozen=True)
 class TrackingSection:
     """MLflow: what rank 0 logs, and where."""
@@ -186,6 +199,10 @@ class TrackingSection:
 
     def __post_init__(self) -> None:
         check(self.uri is None or bool(self.uri.strip()), "uri", "expected a tracking URI or null")
+        scheme = _uri_scheme(self.uri) if self.uri else ""
+        check(scheme in ("",) + TRACKING_SCHEMES, "uri",
+              f"unknown scheme {scheme!r} in {self.uri!r}; allowed: a file path, or "
+              + ", ".join(f"{s}:" for s in TRACKING_SCHEMES))
         check(bool(self.experiment.strip()), "experiment", "expected a non-empty experiment name")
 
 

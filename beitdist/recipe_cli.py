@@ -5,7 +5,9 @@ overrides, the schema (field paths, did-you-mean), the plugins named by head / t
 and their own option schemas, consistency between engine, data and scaling; and, unless
 `--skip-paths` (recipes meant for a cluster whose data is not mounted here), that the dataset's
 files exist: an Options field called `root` or `path`, and the shards of `tar_shards` (also that
-there are enough of them for every rank and loader worker to get one).
+there are enough of them for every rank and loader worker to get one), and the preflight
+(`beitdist.preflight`: labels vs the head's classes, output_dir writable with room for a checkpoint,
+an existing run's model vs the recipe, precision vs this machine's devices).
 
 Prints `ok: <file>` per good file (stdout) and one line `error: <file>: <field>: <problem>` per bad
 file (stderr). Exit 0 when all are ok, 2 otherwise. Files the run itself produces first (a codebook,
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from beitdist.errors import InputError
 from beitdist.recipe import Recipe, RecipeError, load_recipe
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -82,11 +85,15 @@ def _one_line(text: str) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from beitdist.launcher import uses_gpu
+    from beitdist.preflight import preflight
+
     bad = 0
     for path in args.recipes:
         try:
-            validate_file(path, args.set, check_paths=not args.skip_paths)
-        except ValueError as err:  # RecipeError, and a plugin that fails to load (PluginError)
+            recipe = validate_file(path, args.set, check_paths=not args.skip_paths)
+            preflight(recipe, this_machine=not args.skip_paths, gpu=uses_gpu(recipe))
+        except InputError as err:  # RecipeError, PreflightError, a plugin that fails to load (PluginError)
             message = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
             print(f"error: {_one_line(message)}", file=sys.stderr)
             bad += 1

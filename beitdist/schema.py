@@ -14,10 +14,12 @@ import types
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from beitdist.errors import InputError
+
 T = TypeVar("T")
 
 
-class OptionsError(ValueError):
+class OptionsError(InputError):
     """A value that does not fit its schema; `path` is the dotted field path."""
 
     def __init__(self, path: str, message: str) -> None:

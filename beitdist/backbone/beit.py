@@ -11,11 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.layers import INIT_STD, Block, PatchEmbed, RelativePositionBias
+from beitdist.errors import InputError
 from beitdist.outputs import BackboneOutput
-
-
-class InputError(ValueError):
-    """The tensors given to the model do not fit its config; the message says what was expected."""
 
 
 def _trunc_normal(shape: tuple[int, ...]) -> nn.Parameter:

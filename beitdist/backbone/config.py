@@ -12,13 +12,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from beitdist.errors import InputError
+
 RelPosBias = Literal["shared", "per_block", "none"]
 Pooling = Literal["mean", "cls", "none"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A backbone config value is out of range; the message names the field and what is allowed."""
 
 

@@ -16,11 +16,12 @@ import torch
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.resample import grid_from_table_rows
+from beitdist.errors import InputError
 
 StateDict = dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be loaded as asked; the message names the file, keys and shapes."""
 
 

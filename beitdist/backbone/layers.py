@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beitdist.errors import InputError
+
 INIT_STD = 0.02
 
 
@@ -48,7 +50,7 @@ def activation(name: str) -> nn.Module:
         return nn.ReLU()
     if name == "silu":
         return nn.SiLU()
-    raise ValueError(f"unknown activation {name!r}; allowed: gelu, gelu_tanh, relu, silu")
+    raise InputError(f"unknown activation {name!r}; allowed: gelu, gelu_tanh, relu, silu")
 
 
 class PatchEmbed(nn.Module):

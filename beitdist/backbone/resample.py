@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beitdist.errors import InputError
+
 NUM_CLS_ROWS = 3
 
 
@@ -61,14 +63,14 @@ def resample_rel_pos_table(
     dst_h, dst_w = 2 * dst_grid[0] - 1, 2 * dst_grid[1] - 1
     expected = src_h * src_w + NUM_CLS_ROWS
     if table.ndim != 2 or table.shape[0] != expected:
-        raise ValueError(
+        raise InputError(
             f"relative-position table of shape {tuple(table.shape)} does not fit a {src_grid} grid "
             f"(expected {expected} rows)"
         )
     if (src_h, src_w) == (dst_h, dst_w):
         return table.clone()
     if min(src_h, src_w) < 3:
-        raise ValueError(f"cannot resample a relative-position table from a {src_grid} grid (need >= 2 patches a side)")
+        raise InputError(f"cannot resample a relative-position table from a {src_grid} grid (need >= 2 patches a side)")
     # imported here: scipy.interpolate costs ~1 s of every CLI start and every worker, and only a
     # change of resolution needs it
     from scipy.interpolate import RectBivariateSpline
@@ -91,7 +93,7 @@ def grid_from_table_rows(rows: int) -> tuple[int, int]:
     """The square patch grid whose relative-position table has `rows` rows."""
     side = round(((rows - NUM_CLS_ROWS) ** 0.5 + 1) / 2)
     if (2 * side - 1) ** 2 + NUM_CLS_ROWS != rows:
-        raise ValueError(f"a relative-position table with {rows} rows does not belong to a square patch grid")
+        raise InputError(f"a relative-position table with {rows} rows does not belong to a square patch grid")
     return (side, side)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from beitdist.data.transforms import INTERPOLATION
+from beitdist.errors import InputError
 
 LEVEL_DENOM = 10.0
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -124,7 +125,7 @@ class AugmentOp:
             pct = _negate(m / LEVEL_DENOM * 0.45, rng)
             data = (1, 0, pct * img.width, 0, 1, 0) if name == "TranslateXRel" else (1, 0, 0, 0, 1, pct * img.height)
             return _affine(img, data, self.fill, self.resample)
-        raise ValueError(f"unknown RandAugment op {name!r}")
+        raise InputError(f"unknown RandAugment op {name!r}")
 
 
 class RandAugment:
@@ -149,12 +150,12 @@ def rand_augment(config: str, mean: Sequence[float] = (0.485, 0.456, 0.406),
     `mean` (the normalisation mean, 0-1) gives the fill colour, as timm's `img_mean` hparam."""
     parts = config.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"RandAugment config must start with 'rand-', got {config!r} (e.g. 'rand-m9-mstd0.5-inc1')")
+        raise InputError(f"RandAugment config must start with 'rand-', got {config!r} (e.g. 'rand-m9-mstd0.5-inc1')")
     magnitude, num_layers, mstd, ops = LEVEL_DENOM, 2, 0.0, RAND_OPS
     for part in parts[1:]:
         match = re.fullmatch(r"([a-z]+)(\d.*)", part)
         if match is None:
-            raise ValueError(f"cannot parse RandAugment section {part!r} of {config!r}")
+            raise InputError(f"cannot parse RandAugment section {part!r} of {config!r}")
         key, val = match.groups()
         if key == "m":
             magnitude = float(int(val))
@@ -165,7 +166,7 @@ def rand_augment(config: str, mean: Sequence[float] = (0.485, 0.456, 0.406),
         elif key == "inc":
             ops = RAND_INCREASING_OPS if int(val) else RAND_OPS
         else:
-            raise ValueError(f"unknown RandAugment section {part!r} in {config!r}; allowed: m, n, mstd, inc")
+            raise InputError(f"unknown RandAugment section {part!r} in {config!r}; allowed: m, n, mstd, inc")
     fill = tuple(min(255, round(255 * v)) for v in mean)
     resample = INTERPOLATION[interpolation]
     return RandAugment([AugmentOp(name, magnitude, mstd, 0.5, fill, resample) for name in ops], num_layers)

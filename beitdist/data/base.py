@@ -23,6 +23,8 @@ The details the pipeline (`beitdist.data.pipeline`) relies on:
   `on_corrupt` ("stop" | "skip") and adds `num_skipped` to the item that follows skipped samples.
 - A class id outside the dataset's range raises `ValueError` naming the file (or index) and the range.
 - Classification datasets expose `num_classes` (mixup/cutmix needs it); image folders also `classes`.
+  The plugin class may answer `num_classes(options)` without building anything (the preflight
+  compares it with the head's classes before a run starts).
 - An `IterableDataset` shards itself: the pipeline calls `set_distributed(rank, world_size, seed)`
   once (seed = the run's) and `set_epoch(epoch)` before every pass, when it has them; DataLoader
   workers are read from `torch.utils.data.get_worker_info()`. Without `set_distributed` it can only
@@ -42,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from beitdist.errors import InputError
 from beitdist.schema import plugin_class_problems
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,13 @@ class DatasetPlugin:
     def build(cls, options: Any, split: str, transform: Callable[..., Any] | None = None) -> Dataset:
         raise NotImplementedError(f"dataset {cls.__name__} must implement build")
 
+    @classmethod
+    def num_classes(cls, options: Any) -> int | None:
+        """The number of classes (label ids 0..n-1), when known without decoding any sample; the
+        preflight checks it against the head's `num_classes` before anything runs. None: unknown
+        (a stream of shards, an unlabelled set)."""
+        return None
+
 
 def contract_problems(cls: Any) -> list[str]:
     """What a class registered as a dataset lacks; empty when it honours the contract."""
@@ -68,7 +78,7 @@ def contract_problems(cls: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------ helpers for dataset authors
-class CorruptImageError(ValueError):
+class CorruptImageError(InputError):
     """A file that cannot be decoded as an image (or label map); `path` names it.
 
     Constructible from one string too: a DataLoader worker's exception is re-created in the main
@@ -96,7 +106,7 @@ def decode_image(source: str | os.PathLike[str] | bytes, name: str | None = None
 def check_label(label: int, num_classes: int, where: str) -> int:
     """A class id in [0, num_classes), or a ValueError naming the sample and the allowed range."""
     if not 0 <= int(label) < num_classes:
-        raise ValueError(f"{where}: label {label} is outside the class range [0, {num_classes - 1}] "
+        raise InputError(f"{where}: label {label} is outside the class range [0, {num_classes - 1}] "
                          f"({num_classes} classes)")
     return int(label)
 
@@ -106,7 +116,7 @@ def check_label_map(labels: np.ndarray, num_classes: int, where: str, ignore_ind
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bad.any():
         values = sorted({int(v) for v in np.unique(labels[bad])})[:8]
-        raise ValueError(f"{where}: label values {values} are outside the class range [0, {num_classes - 1}] "
+        raise InputError(f"{where}: label values {values} are outside the class range [0, {num_classes - 1}] "
                          f"(or {ignore_index} = ignore)")
 
 
@@ -148,7 +158,7 @@ class SkipCorrupt(Dataset):
 
     def __init__(self, dataset: Dataset, on_corrupt: OnCorrupt = "stop", max_tries: int = 64) -> None:
         if on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+            raise InputError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         self.dataset, self.on_corrupt, self.max_tries = dataset, on_corrupt, max_tries
         self.skipped = 0
         self._logged: set[str] = set()

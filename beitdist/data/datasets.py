@@ -20,14 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from beitdist.data.base import (
-    IMG_EXTENSIONS,
-    DatasetPlugin,
-    ImageDataset,
-    check_label,
-    check_label_map,
-    decode_image,
-)
+from beitdist.data.base import IMG_EXTENSIONS, DatasetPlugin, ImageDataset, check_label, check_label_map, decode_image
+from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
 
@@ -98,7 +92,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     before its first step, for a 57 KB file. Cached: the train and val splits share one read."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None:
-        raise ValueError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)")
+        raise InputError("the 'digits' dataset needs scikit-learn (pip install scikit-learn)")
     csv = Path(next(iter(spec.submodule_search_locations or [""]), "")) / "datasets" / "data" / "digits.csv.gz"
     if csv.is_file():
         table = np.loadtxt(csv, delimiter=",")
@@ -114,6 +108,10 @@ class Digits(DatasetPlugin):
 
     name = "digits"
     Options = DigitsOptions
+
+    @classmethod
+    def num_classes(cls, options: DigitsOptions) -> int:
+        return DigitsDataset.num_classes
 
     @classmethod
     def build(cls, options: DigitsOptions, split: str, transform: Callable[..., Any] | None = None) -> DigitsDataset:
@@ -176,11 +174,11 @@ class ImageFolderOptions:
 def _split_dir(root: str, split: str) -> Path:
     layout = f"{root}/<split>/<class>/<image> (e.g. {root}/{split}/cat/0001.jpg)"
     if not Path(root).is_dir():
-        raise ValueError(f"image_folder: root {root!r} is not a directory; expected the layout {layout}")
+        raise InputError(f"image_folder: root {root!r} is not a directory; expected the layout {layout}")
     path = Path(root) / split
     if not path.is_dir():
         found = sorted(p.name for p in Path(root).iterdir() if p.is_dir())[:10]
-        raise ValueError(f"image_folder: split directory {str(path)!r} does not exist (found {found}); "
+        raise InputError(f"image_folder: split directory {str(path)!r} does not exist (found {found}); "
                          f"expected the layout {layout}")
     return path
 
@@ -193,11 +191,15 @@ class ImageFolder(DatasetPlugin):
     Options = ImageFolderOptions
 
     @classmethod
+    def num_classes(cls, options: ImageFolderOptions) -> int:
+        return len(cls.classes(options))
+
+    @classmethod
     def classes(cls, options: ImageFolderOptions) -> list[str]:
         train_dir = _split_dir(options.root, options.train_split)
         classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
         if not classes:
-            raise ValueError(f"image_folder: no class directories in {str(train_dir)!r}; expected "
+            raise InputError(f"image_folder: no class directories in {str(train_dir)!r}; expected "
                              f"{train_dir}/<class>/<image>")
         return classes
 
@@ -211,15 +213,15 @@ class ImageFolder(DatasetPlugin):
         split_dir = _split_dir(options.root, name)
         unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(classes))
         if unknown:
-            raise ValueError(f"image_folder: classes {unknown[:10]} in {str(split_dir)!r} are not in the train "
+            raise InputError(f"image_folder: classes {unknown[:10]} in {str(split_dir)!r} are not in the train "
                              f"split {options.train_split!r}, whose classes define the label ids")
         samples = list_image_folder(split_dir, classes, tuple(e.lower() for e in options.extensions))
         if not samples:
-            raise ValueError(f"image_folder: no images with extensions {list(options.extensions)} under "
+            raise InputError(f"image_folder: no images with extensions {list(options.extensions)} under "
                              f"{str(split_dir)!r}; expected {split_dir}/<class>/<image>")
         empty = sorted(set(classes) - {classes[label] for _, label in samples})
         if empty and split == "train":
-            raise ValueError(f"image_folder: class directories without images in {str(split_dir)!r}: {empty[:10]}")
+            raise InputError(f"image_folder: class directories without images in {str(split_dir)!r}: {empty[:10]}")
         if empty:
             logger.warning("image_folder: %d classes have no images in %s: %s", len(empty), split_dir, empty[:10])
         return FolderDataset(samples, classes, transform)
@@ -245,9 +247,9 @@ class SegmentationDataset(ImageDataset):
         image = decode_image(image_path)
         labels = np.array(decode_image(label_path, mode=None))
         if labels.ndim != 2:
-            raise ValueError(f"{label_path}: a label map must have one channel of class ids, got shape {labels.shape}")
+            raise InputError(f"{label_path}: a label map must have one channel of class ids, got shape {labels.shape}")
         if labels.shape != (image.height, image.width):
-            raise ValueError(f"{label_path}: label map is {labels.shape[1]}x{labels.shape[0]} but image "
+            raise InputError(f"{label_path}: label map is {labels.shape[1]}x{labels.shape[0]} but image "
                              f"{image_path} is {image.width}x{image.height}")
         labels = labels.astype(np.int64)
         if self.reduce_labels:  # transformers' / mmseg's reduce_zero_label: 0 -> 255, others - 1
@@ -276,6 +278,10 @@ class Ade20k(DatasetPlugin):
     SPLITS = {"train": "training", "val": "validation"}
 
     @classmethod
+    def num_classes(cls, options: Ade20kOptions) -> int:
+        return options.num_classes
+
+    @classmethod
     def build(cls, options: Ade20kOptions, split: str, transform: Callable[..., Any] | None = None
               ) -> SegmentationDataset:
         sub = cls.SPLITS[split]
@@ -283,14 +289,14 @@ class Ade20k(DatasetPlugin):
         image_dir, label_dir = Path(options.root) / "images" / sub, Path(options.root) / "annotations" / sub
         for d in (image_dir, label_dir):
             if not d.is_dir():
-                raise ValueError(f"ade20k: directory {str(d)!r} does not exist; expected the layout {layout}")
+                raise InputError(f"ade20k: directory {str(d)!r} does not exist; expected the layout {layout}")
         images = {Path(f).stem: f for f in sorted(os.listdir(image_dir)) if _is_image(f, IMG_EXTENSIONS)}
         labels = {Path(f).stem: f for f in sorted(os.listdir(label_dir)) if f.lower().endswith(".png")}
         if not images:
-            raise ValueError(f"ade20k: no images in {str(image_dir)!r}; expected the layout {layout}")
+            raise InputError(f"ade20k: no images in {str(image_dir)!r}; expected the layout {layout}")
         no_label, no_image = sorted(set(images) - set(labels)), sorted(set(labels) - set(images))
         if no_label or no_image:
-            raise ValueError(f"ade20k ({split}): images and annotations do not pair up: "
+            raise InputError(f"ade20k ({split}): images and annotations do not pair up: "
                              f"{len(no_label)} images without a .png annotation (e.g. {no_label[:5]}), "
                              f"{len(no_image)} annotations without an image (e.g. {no_image[:5]})")
         pairs = [(str(image_dir / images[k]), str(label_dir / labels[k])) for k in sorted(images)]

@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from beitdist.errors import InputError
+
 log = logging.getLogger(__name__)
 
 UNILM_GRID = (14, 14)
@@ -48,7 +50,7 @@ class Block(NamedTuple):
 def _grid(grid: tuple[int, int] | int) -> tuple[int, int]:
     height, width = (grid, grid) if isinstance(grid, int) else tuple(grid)
     if height < 1 or width < 1:
-        raise ValueError(f"masking grid must be positive, got {height}x{width}")
+        raise InputError(f"masking grid must be positive, got {height}x{width}")
     return int(height), int(width)
 
 
@@ -56,7 +58,7 @@ def num_masking_patches_for(grid: tuple[int, int] | int, ratio: float = UNILM_RA
     """unilm's 75-of-196 budget carried over to any grid: round(ratio * H * W), at least 1."""
     height, width = _grid(grid)
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"masking ratio must be in (0, 1], got {ratio}")
+        raise InputError(f"masking ratio must be in (0, 1], got {ratio}")
     return max(1, min(height * width, round(ratio * height * width)))
 
 
@@ -87,20 +89,20 @@ class MaskingGenerator:
         self.height, self.width = _grid(grid)
         self.num_patches = self.height * self.width
         if not 0 <= num_masking_patches <= self.num_patches:
-            raise ValueError(
+            raise InputError(
                 f"num_masking_patches must be in [0, {self.num_patches}] for a {self.height}x{self.width} grid, "
                 f"got {num_masking_patches}"
             )
         if min_num_patches < 1:
-            raise ValueError(f"min_num_patches must be >= 1, got {min_num_patches}")
+            raise InputError(f"min_num_patches must be >= 1, got {min_num_patches}")
         if self.height < 2 or self.width < 2:
-            raise ValueError(
+            raise InputError(
                 f"blockwise masking needs a grid of at least 2x2 (blocks are strictly smaller than the grid), "
                 f"got {self.height}x{self.width}"
             )
         max_aspect = max_aspect or 1.0 / min_aspect
         if not 0.0 < min_aspect <= max_aspect:
-            raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect} and {max_aspect}")
+            raise InputError(f"need 0 < min_aspect <= max_aspect, got {min_aspect} and {max_aspect}")
         self.num_masking_patches = int(num_masking_patches)
         self.min_num_patches = int(min_num_patches)
         self.max_num_patches = self.num_masking_patches if max_num_patches is None else int(max_num_patches)

@@ -17,6 +17,8 @@ import math
 import numpy as np
 import torch
 
+from beitdist.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,9 +56,9 @@ class Mixup:
     def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
                  switch_prob: float = 0.5, label_smoothing: float = 0.1) -> None:
         if num_classes < 1:
-            raise ValueError(f"mixup needs the number of classes, got {num_classes}")
+            raise InputError(f"mixup needs the number of classes, got {num_classes}")
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
-            raise ValueError("mixup needs mixup_alpha > 0 or cutmix_alpha > 0")
+            raise InputError("mixup needs mixup_alpha > 0 or cutmix_alpha > 0")
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob, self.label_smoothing = prob, switch_prob, label_smoothing
 

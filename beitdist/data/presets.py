@@ -30,6 +30,7 @@ from beitdist.data.transforms import (
     sample_rngs,
     to_tensor,
 )
+from beitdist.errors import InputError
 
 if TYPE_CHECKING:
     from beitdist.data.pipeline import AugmentConfig
@@ -53,7 +54,7 @@ class SampleTransform:
 
 def _label(target: Any) -> torch.Tensor:
     if target is None:
-        raise ValueError("this task needs class labels, but the dataset gave none")
+        raise InputError("this task needs class labels, but the dataset gave none")
     return torch.tensor(int(target), dtype=torch.long)
 
 
@@ -139,7 +140,7 @@ class SegmentationTrain(SampleTransform):
 
     def __call__(self, image: Image.Image, target: Any, index: int) -> dict[str, torch.Tensor]:
         if target is None:
-            raise ValueError("segmentation needs label maps, but the dataset gave none")
+            raise InputError("segmentation needs label maps, but the dataset gave none")
         (rng,) = self.rngs(index, 1)
         labels = np.asarray(target)
         image, labels = random_rescale(image, labels, self.base_scale, self.ratio_range, rng)

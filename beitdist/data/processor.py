@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from beitdist.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -57,7 +59,7 @@ def _size_dict(size: Any, name: str) -> dict[str, int]:
     if isinstance(size, dict) and set(size) in _SIZE_KEYS:
         return {k: int(v) for k, v in size.items()}
     keys = " or ".join(str(sorted(k)) for k in _SIZE_KEYS)
-    raise ValueError(f"{name} must be an int, a (height, width) pair or a dict with keys {keys}; got {size!r}")
+    raise InputError(f"{name} must be an int, a (height, width) pair or a dict with keys {keys}; got {size!r}")
 
 
 def _output_size(h: int, w: int, size: dict[str, int]) -> tuple[int, int]:
@@ -76,7 +78,7 @@ def _resize(chw: np.ndarray, hw: tuple[int, int], resample: int) -> np.ndarray:
     elif chw.dtype != np.uint8 and np.issubdtype(chw.dtype, np.floating) and chw.min() >= 0 and chw.max() <= 1:
         chw, scaled = (chw.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
     elif chw.dtype != np.uint8:
-        raise ValueError(f"cannot resize values in [{chw.min()}, {chw.max()}] ({chw.dtype}): resizing goes through "
+        raise InputError(f"cannot resize values in [{chw.min()}, {chw.max()}] ({chw.dtype}): resizing goes through "
                          "8-bit PIL images, so values must be integers in [0, 255] or floats in [0, 1]")
     hwc = np.moveaxis(chw, 0, -1)
     out = np.array(Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).resize((hw[1], hw[0]), resample))
@@ -104,14 +106,14 @@ def _as_numpy(item: Any, what: str) -> np.ndarray:
         return (item.float() if item.dtype == torch.bfloat16 else item).numpy()
     if isinstance(item, np.ndarray):
         return item
-    raise ValueError(f"{what}: got {type(item).__name__}; expected {_ALLOWED}")
+    raise InputError(f"{what}: got {type(item).__name__}; expected {_ALLOWED}")
 
 
 def _flatten(items: Any, ndims: int, what: str) -> list[Any]:
     """One flat list from an item, a stacked batch (one more axis) or (nested) lists of either."""
     if isinstance(items, (list, tuple)):
         if not items:
-            raise ValueError(f"{what}: got an empty {type(items).__name__}; expected {_ALLOWED}")
+            raise InputError(f"{what}: got an empty {type(items).__name__}; expected {_ALLOWED}")
         return [one for item in items for one in _flatten(item, ndims, what)]
     if isinstance(items, Image.Image):
         return [items]
@@ -120,7 +122,7 @@ def _flatten(items: Any, ndims: int, what: str) -> list[Any]:
         return list(items)
     if 2 <= arr.ndim <= ndims:
         return [items]
-    raise ValueError(f"{what}: got an array of shape {tuple(arr.shape)}; expected {_ALLOWED}")
+    raise InputError(f"{what}: got an array of shape {tuple(arr.shape)}; expected {_ALLOWED}")
 
 
 def _image_chw(image: Any, convert_rgb: bool) -> np.ndarray:
@@ -139,20 +141,20 @@ def _image_chw(image: Any, convert_rgb: bool) -> np.ndarray:
             arr = arr[None]
         elif arr.shape[0] not in (1, 3, 4):  # channels-first wins ties, as in transformers
             if arr.shape[-1] not in (1, 3, 4):
-                raise ValueError(f"images: cannot find a channel axis of size 1, 3 or 4 in shape {arr.shape}; "
+                raise InputError(f"images: cannot find a channel axis of size 1, 3 or 4 in shape {arr.shape}; "
                                  f"expected {_ALLOWED}")
             arr = np.moveaxis(arr, -1, 0)
         if convert_rgb and arr.shape[0] == 1:
             arr = np.repeat(arr, 3, axis=0)
         elif convert_rgb and arr.shape[0] == 4:
             if np.issubdtype(arr.dtype, np.floating) and (arr.min() < 0.0 or arr.max() > 1.0):
-                raise ValueError(f"images: a float RGBA image must lie in [0, 1]; got [{arr.min()}, {arr.max()}]")
+                raise InputError(f"images: a float RGBA image must lie in [0, 1]; got [{arr.min()}, {arr.max()}]")
             white = 255 if np.issubdtype(arr.dtype, np.integer) else 1.0
             alpha = arr[3:4] / white  # composite onto white, as transformers does
             comp = alpha * arr[:3] + (1 - alpha) * white
             arr = np.round(comp).astype(arr.dtype) if white == 255 else comp.astype(arr.dtype)
     if arr.shape[0] != 3:
-        raise ValueError(f"images: got {arr.shape[0]} channels (channels-first shape {arr.shape}); the model "
+        raise InputError(f"images: got {arr.shape[0]} channels (channels-first shape {arr.shape}); the model "
                          "needs 3 (RGB). Pass do_convert_rgb=True to convert grey (1) and RGBA (4) images")
     return arr
 
@@ -190,14 +192,14 @@ class ImageProcessor:
     def _options(self, overrides: dict[str, Any]) -> SimpleNamespace:
         unknown = sorted(set(overrides) - set(_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; allowed: {list(_OPTIONS)}")
+            raise InputError(f"unknown option(s) {unknown}; allowed: {list(_OPTIONS)}")
         opts = SimpleNamespace(**{**self.to_dict(), **overrides})
         opts.size, opts.crop_size = _size_dict(opts.size, "size"), _size_dict(opts.crop_size, "crop_size")
         if opts.do_center_crop and "height" not in opts.crop_size:
-            raise ValueError(f"crop_size must give height and width; got {opts.crop_size}")
+            raise InputError(f"crop_size must give height and width; got {opts.crop_size}")
         for name in ("image_mean", "image_std"):
             if np.ndim(getattr(opts, name)) > 1 or np.size(getattr(opts, name)) not in (1, 3):
-                raise ValueError(f"{name} must be one number or one per RGB channel; got {getattr(opts, name)!r}")
+                raise InputError(f"{name} must be one number or one per RGB channel; got {getattr(opts, name)!r}")
         return opts
 
     def _geometry(self, chw: np.ndarray, o: SimpleNamespace, resample: int) -> np.ndarray:
@@ -226,7 +228,7 @@ class ImageProcessor:
     def _labels(self, seg: Any, o: SimpleNamespace) -> np.ndarray:
         arr = np.array(seg) if isinstance(seg, Image.Image) else _as_numpy(seg, "segmentation_maps").copy()
         if arr.ndim != 2:
-            raise ValueError(f"segmentation_maps: each must be a 2-D (H, W) array of class ids; got {arr.shape}")
+            raise InputError(f"segmentation_maps: each must be a 2-D (H, W) array of class ids; got {arr.shape}")
         if o.do_reduce_labels:  # transformers' exact steps: 0 -> 255, others - 1, 255 stays 255
             arr[arr == 0] = 255
             arr = arr - 1
@@ -238,18 +240,18 @@ class ImageProcessor:
                    **overrides: Any) -> ProcessedBatch:
         """`pixel_values` (B, 3, H, W) float32, with maps `labels` (B, H, W) int64; options override per call."""
         if return_tensors not in ("pt", "np", None):
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None; got {return_tensors!r}")
+            raise InputError(f"return_tensors must be 'pt', 'np' or None; got {return_tensors!r}")
         o = self._options(overrides)
         data = {"pixel_values": [self._pixels(img, o) for img in _flatten(images, 3, "images")]}
         if segmentation_maps is not None:
             maps = _flatten(segmentation_maps, 2, "segmentation_maps")
             if len(maps) != len(data["pixel_values"]):
-                raise ValueError(f"got {len(data['pixel_values'])} images but {len(maps)} segmentation maps")
+                raise InputError(f"got {len(data['pixel_values'])} images but {len(maps)} segmentation maps")
             data["labels"] = [self._labels(seg, o) for seg in maps]
         if return_tensors is None:
             return ProcessedBatch(data)
         if len({a.shape for a in data["pixel_values"]}) > 1:
-            raise ValueError("images came out in different sizes and cannot be stacked; use a fixed "
+            raise InputError("images came out in different sizes and cannot be stacked; use a fixed "
                              "size, do_center_crop=True or return_tensors=None")
         stack = torch.from_numpy if return_tensors == "pt" else np.asarray
         return ProcessedBatch({k: stack(np.stack(v)) for k, v in data.items()})
@@ -264,6 +266,6 @@ class ImageProcessor:
         if target_sizes is None:
             return list(logits.argmax(dim=1))
         if len(target_sizes) != len(logits):
-            raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits")
+            raise InputError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits")
         return [F.interpolate(logits[i][None], size=tuple(int(v) for v in size), mode="bilinear",
                               align_corners=False)[0].argmax(dim=0) for i, size in enumerate(target_sizes)]

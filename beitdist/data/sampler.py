@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from beitdist.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,11 +38,11 @@ class ResumableDistributedSampler(Sampler[int]):
     def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False) -> None:
         if dataset_len < 1:
-            raise ValueError(f"cannot sample from an empty dataset (dataset_len={dataset_len})")
+            raise InputError(f"cannot sample from an empty dataset (dataset_len={dataset_len})")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if drop_last and dataset_len < world_size:
-            raise ValueError(f"drop_last with {dataset_len} samples and {world_size} ranks leaves ranks nothing")
+            raise InputError(f"drop_last with {dataset_len} samples and {world_size} ranks leaves ranks nothing")
         self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch = 0
@@ -86,10 +88,10 @@ class ResumableDistributedSampler(Sampler[int]):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = {"epoch", "position"} - set(state)
         if missing:
-            raise ValueError(f"sampler state is missing {sorted(missing)}; got keys {sorted(state)}")
+            raise InputError(f"sampler state is missing {sorted(missing)}; got keys {sorted(state)}")
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position <= self.dataset_len:
-            raise ValueError(f"sampler position {position} is outside [0, {self.dataset_len}] for this dataset; "
+            raise InputError(f"sampler position {position} is outside [0, {self.dataset_len}] for this dataset; "
                              "was the state saved for another dataset?")
         self.epoch, self.position = epoch, position
         logger.info("sampler resumes epoch %d at global sample %d of %d (rank %d of %d)",

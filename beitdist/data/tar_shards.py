@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from beitdist.data.base import ON_CORRUPT, CorruptImageError, DatasetPlugin, check_label, decode_image
+from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
 
@@ -60,7 +61,7 @@ def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[str]:
     paths = sorted(set(out))
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise ValueError(f"tar shards not found: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+        raise InputError(f"tar shards not found: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"(from patterns {list(patterns)}); expected local .tar files")
     return paths
 
@@ -142,7 +143,7 @@ class TarShardDataset(IterableDataset):
             try:
                 label = int(files[self.label_ext].decode().strip())
             except ValueError as err:
-                raise ValueError(f"{where}.{self.label_ext}: label is not an integer: {err}") from None
+                raise InputError(f"{where}.{self.label_ext}: label is not an integer: {err}") from None
             check_label(label, self.num_classes, f"{where}.{self.label_ext}")
         if self.transform is None:
             return {"image": image, "labels": label, "index": sample_id}
@@ -195,7 +196,7 @@ class TarShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}")
+            raise InputError(f"on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}")
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = self._encoded(worker_id, num_workers)

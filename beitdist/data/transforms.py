@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from beitdist.errors import InputError
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 """unilm's `--imagenet_default_mean_and_std` (timm's IMAGENET_DEFAULT_*)."""
@@ -99,7 +101,7 @@ class RandomResizedCrop:
                  ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = "bicubic",
                  second_size: int | Sequence[int] | None = None, second_interpolation: str = "lanczos") -> None:
         if scale[0] > scale[1] or ratio[0] > ratio[1] or scale[0] <= 0 or ratio[0] <= 0:
-            raise ValueError(f"scale and ratio must be positive (min, max) ranges, got {scale} and {ratio}")
+            raise InputError(f"scale and ratio must be positive (min, max) ranges, got {scale} and {ratio}")
         self.size = _pair(size)
         self.second_size = None if second_size is None else _pair(second_size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
@@ -131,7 +133,7 @@ class ColorJitter:
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4) -> None:
         for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if value < 0:
-                raise ValueError(f"ColorJitter {name} must be >= 0, got {value}")
+                raise InputError(f"ColorJitter {name} must be >= 0, got {value}")
         self.values = (brightness, contrast, saturation)
         self.enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 
@@ -153,9 +155,9 @@ class RandomErasing:
     def __init__(self, probability: float = 0.25, mode: str = "pixel", count: int = 1,
                  min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3) -> None:
         if mode not in ("pixel", "rand", "const"):
-            raise ValueError(f"RandomErasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+            raise InputError(f"RandomErasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
         if not 0.0 <= probability <= 1.0 or count < 1:
-            raise ValueError(f"RandomErasing needs 0 <= probability <= 1 and count >= 1, got {probability}, {count}")
+            raise InputError(f"RandomErasing needs 0 <= probability <= 1 and count >= 1, got {probability}, {count}")
         self.probability, self.mode, self.count = probability, mode, count
         self.min_area, self.max_area = min_area, max_area
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))

@@ -18,12 +18,13 @@ import torch
 
 from beitdist.engine import EngineConfig
 from beitdist.engines.base import TrainEngine
+from beitdist.errors import InputError
 from beitdist.optim import OptimConfig
 
 FAIRSCALE_REQUIREMENT = "fairscale==0.4.13"
 
 
-class EngineUnavailableError(ValueError):
+class EngineUnavailableError(InputError):
     """The recipe selects an engine (or mode) this machine cannot run; one line that says what to
     install or choose instead."""
 

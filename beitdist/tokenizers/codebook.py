@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
 from beitdist.output_paths import check_output_file, follow_umask
 from beitdist.schema import check
@@ -65,7 +66,7 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     b, c, h, w = images.shape
     p = patch_size
     if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        raise InputError(f"image size {h}x{w} is not a multiple of the patch size {p}")
     x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
@@ -80,7 +81,7 @@ def features(patches: torch.Tensor, kind: str, mean: torch.Tensor, std: torch.Te
     if kind == "patch_norm":
         x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True, unbiased=False) + eps).sqrt()
     elif kind != "pixels":
-        raise ValueError(f"unknown codebook feature {kind!r}; allowed: {', '.join(FEATURES)}")
+        raise InputError(f"unknown codebook feature {kind!r}; allowed: {', '.join(FEATURES)}")
     return x
 
 
@@ -131,21 +132,21 @@ def save_codebook(codebook: Codebook, path: str | os.PathLike, *, overwrite: boo
 def load_codebook(path: str | os.PathLike) -> Codebook:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: codebook file not found (write one with `beitdist tokenizer fit --out {path} ...`)")
+        raise InputError(f"{path}: codebook file not found (write one with `beitdist tokenizer fit --out {path} ...`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
-        raise ValueError(f"{path}: not a safetensors codebook file ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: not a safetensors codebook file ({type(err).__name__}: {err})") from None
     missing = [k for k in KEYS if k not in tensors]
     if metadata.get("format") != FORMAT or missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a beitdist codebook (format {metadata.get('format')!r}, missing {missing}); "
             "write one with `beitdist tokenizer fit`"
         )
     if metadata.get("version") != VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path}: codebook version {metadata.get('version')!r}; this beitdist reads version {VERSION}"
         )
     codebook = Codebook(
@@ -159,7 +160,7 @@ def load_codebook(path: str | os.PathLike) -> Codebook:
     )
     dim = codebook.mean.numel() * codebook.patch_size**2
     if codebook.feature not in FEATURES or codebook.centroids.ndim != 2 or codebook.centroids.shape[1] != dim:
-        raise ValueError(
+        raise InputError(
             f"{path}: inconsistent codebook (feature {codebook.feature!r}, "
             f"centroids {tuple(codebook.centroids.shape)}, "
             f"expected (K, {dim}) for patch size {codebook.patch_size})"
@@ -192,7 +193,7 @@ class CodebookTokenizer(Tokenizer):
         self.patch_size, self.feature, self.eps = codebook.patch_size, codebook.feature, codebook.eps
         self.input_size = self.opts.input_size or codebook.input_size
         if self.input_size % self.patch_size:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer.options.input_size: {self.input_size} is not a multiple of the codebook's patch size "
                 f"{self.patch_size} ({self.opts.path})"
             )
@@ -213,7 +214,7 @@ class CodebookTokenizer(Tokenizer):
         """(B, 3, S, S) in [0, 1] -> (B, N, D) feature vectors, the space the centroids live in."""
         size = self.input_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(
+            raise InputError(
                 f"codebook tokenizer expects images (B, 3, {size}, {size}) in [0, 1], got {tuple(images.shape)}"
             )
         return features(patchify(images.float(), self.patch_size), self.feature, self.mean, self.std, self.eps)

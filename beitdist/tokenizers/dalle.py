@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
 from beitdist.tokenizers.base import Tokenizer
@@ -120,7 +121,7 @@ class DalleEncoder(nn.Module):
             n_hid, input_channels = state["blocks.input.w"].shape[:2]
             vocab_size = state["blocks.output.conv.w"].shape[0]
         except (KeyError, AttributeError, ValueError):
-            raise ValueError(
+            raise InputError(
                 f"{source}: not a DALL-E dVAE encoder state dict (needs blocks.input.w and blocks.output.conv.w; "
                 f"found {_preview(state)})"
             ) from None
@@ -130,13 +131,13 @@ class DalleEncoder(nn.Module):
             with torch.device("meta"):
                 encoder = cls(int(n_hid), max(n_blk, 1), int(input_channels), int(vocab_size))
         except ValueError as err:
-            raise ValueError(f"{source}: not a DALL-E encoder ({err})") from None
+            raise InputError(f"{source}: not a DALL-E encoder ({err})") from None
         expected = encoder.state_dict()
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         bad_shapes = [k for k, p in expected.items() if k in state and tuple(state[k].shape) != tuple(p.shape)]
         if missing or unexpected or bad_shapes:
-            raise ValueError(
+            raise InputError(
                 f"{source}: does not match the DALL-E encoder architecture (n_hid={n_hid}, "
                 f"n_blk_per_group={n_blk}, vocab_size={vocab_size}): missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, wrong shape {bad_shapes[:5]}"
@@ -146,7 +147,7 @@ class DalleEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.input_channels:
-            raise ValueError(f"expected images (B, {self.input_channels}, H, W), got {tuple(x.shape)}")
+            raise InputError(f"expected images (B, {self.input_channels}, H, W), got {tuple(x.shape)}")
         return self.blocks(x.float())
 
 
@@ -197,14 +198,14 @@ def _unpickle(path: Path, data: bytes | None, digest: str | None) -> Any:
     try:
         return torch.load(_source(path, data), map_location="cpu", weights_only=False, pickle_module=_dalle_pickle)
     except Exception as err:
-        raise ValueError(f"{path}: could not unpickle: {type(err).__name__}: {err}") from None
+        raise InputError(f"{path}: could not unpickle: {type(err).__name__}: {err}") from None
 
 
 def load_encoder_state(path: str | Path, sha256: str | None = None, trust: bool = False) -> dict[str, torch.Tensor]:
     """The encoder's weights from `path`; raises ValueError naming the path and what is allowed."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
+        raise InputError(
             f"{path}: DALL-E encoder file not found (tokenizer.options.path: the published encoder.pkl, "
             "or a state dict as .safetensors / .pt / .pth)"
         )
@@ -212,7 +213,7 @@ def load_encoder_state(path: str | Path, sha256: str | None = None, trust: bool 
     data = path.read_bytes() if sha256 is not None else None
     digest = hashlib.sha256(data).hexdigest() if data is not None else None
     if sha256 is not None and digest != sha256.lower():
-        raise ValueError(
+        raise InputError(
             f"{path}: sha256 is {digest}, but tokenizer.options.sha256 says {sha256}; refusing to load it"
         )
     if path.suffix == ".safetensors":
@@ -221,12 +222,12 @@ def load_encoder_state(path: str | Path, sha256: str | None = None, trust: bool 
         try:
             return load(data) if data is not None else load_file(path)
         except Exception as err:
-            raise ValueError(f"{path}: unreadable safetensors file: {err}") from None
+            raise InputError(f"{path}: unreadable safetensors file: {err}") from None
     try:
         loaded = torch.load(_source(path, data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not (trust or digest is not None):
-            raise ValueError(
+            raise InputError(
                 f"{path}: is a pickled module, and unpickling it can run arbitrary code "
                 f"({str(err).splitlines()[0][:120]}). If you trust this file, allow it with "
                 f"tokenizer.options.sha256: {file_sha256(path)} (pins these exact bytes) "
@@ -234,11 +235,11 @@ def load_encoder_state(path: str | Path, sha256: str | None = None, trust: bool 
             ) from None
         loaded = _unpickle(path, data, digest)
     except Exception as err:
-        raise ValueError(f"{path}: not a torch file: {type(err).__name__}: {err}") from None
+        raise InputError(f"{path}: not a torch file: {type(err).__name__}: {err}") from None
     if isinstance(loaded, nn.Module):
         loaded = loaded.state_dict()
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path}: expected an encoder module or a state dict of tensors, got {_preview(loaded)}")
+        raise InputError(f"{path}: expected an encoder module or a state dict of tensors, got {_preview(loaded)}")
     return dict(loaded)
 
 
@@ -283,7 +284,7 @@ class DalleTokenizer(Tokenizer):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         size = self.input_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(
+            raise InputError(
                 f"dalle tokenizer expects images (B, 3, {size}, {size}) in [0, 1], got {tuple(images.shape)}"
             )
         logits = self.encoder(map_pixels(images.float()))

@@ -20,8 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beitdist.errors import InputError
 from beitdist.output_paths import check_output_file
-from beitdist.tokenizers.codebook import FEATURES, Codebook, features, is_codebook_file, nearest, patchify, save_codebook
+from beitdist.tokenizers.codebook import (
+    FEATURES,
+    Codebook,
+    features,
+    is_codebook_file,
+    nearest,
+    patchify,
+    save_codebook,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +42,7 @@ def _to_batches(images: Any, input_size: int, batch_size: int) -> Iterator[torch
     """Tensors (b, 3, S, S) in [0, 1] from a tensor (N, 3, H, W) or an iterable of PIL images."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images as a tensor (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+            raise InputError(f"expected images as a tensor (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         for i in range(0, images.shape[0], batch_size):
             batch = images[i : i + batch_size].float()
             if batch.shape[-2:] != (input_size, input_size):
@@ -70,7 +79,7 @@ def _sample_patches(
             keys, idx = torch.topk(keys, max_patches, largest=False, sorted=False)
             kept = kept[idx]
     if n_images == 0:
-        raise ValueError("no images to fit a codebook on")
+        raise InputError("no images to fit a codebook on")
     return kept, n_images
 
 
@@ -109,7 +118,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[t
     """Centroids (k, D) and the mean squared distance of each row of x (N, D) to its centroid."""
     n = x.shape[0]
     if n < k:
-        raise ValueError(f"only {n} patches to fit {k} tokens; use more images or a smaller vocab size")
+        raise InputError(f"only {n} patches to fit {k} tokens; use more images or a smaller vocab size")
     centroids = _kmeans_pp(x, k, gen)
     assign = nearest(x, centroids)
     for step in range(iters):
@@ -149,13 +158,13 @@ def fit_codebook(
     (a new file, or an existing codebook with `overwrite`: checked before fitting)."""
     check_output_file(out_path, "codebook", is_codebook_file, overwrite=overwrite)
     if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        raise InputError(f"vocab_size must be >= 2, got {vocab_size}")
     if patch_size < 1 or input_size < patch_size or input_size % patch_size:
-        raise ValueError(f"input_size ({input_size}) must be a positive multiple of patch_size ({patch_size})")
+        raise InputError(f"input_size ({input_size}) must be a positive multiple of patch_size ({patch_size})")
     if feature not in FEATURES:
-        raise ValueError(f"unknown codebook feature {feature!r}; allowed: {', '.join(FEATURES)}")
+        raise InputError(f"unknown codebook feature {feature!r}; allowed: {', '.join(FEATURES)}")
     if iters < 0 or max_patches < vocab_size:
-        raise ValueError(f"need iters >= 0 and max_patches >= vocab_size, got {iters} and {max_patches}")
+        raise InputError(f"need iters >= 0 and max_patches >= vocab_size, got {iters} and {max_patches}")
     gen = torch.Generator().manual_seed(seed)
     patches, n_images = _sample_patches(_to_batches(images, input_size, batch_size), patch_size, max_patches, gen)
     channels = patches.reshape(patches.shape[0], 3, -1)
@@ -175,10 +184,10 @@ def fit_codebook(
 def image_files(directory: str | os.PathLike) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
-        raise ValueError(f"{root}: not a directory (--images takes an image folder or the word 'digits')")
+        raise InputError(f"{root}: not a directory (--images takes an image folder or the word 'digits')")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise ValueError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images found (searched recursively)")
+        raise InputError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images found (searched recursively)")
     return files
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from beitdist.errors import InputError, RunFailedError
 
@@ -40,7 +42,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from beitdist.console import ProgressBar, resume_line, world_note
     from beitdist.engine import DistInfo, uses_cuda
+    from beitdist.launcher import make_plan
     from beitdist.preflight import preflight
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
@@ -48,7 +54,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=not args.skip_paths))
     preflight(recipe, this_machine=not args.skip_paths, gpu=uses_cuda())
-    result = run(recipe, DistInfo.from_env())
+    dist = DistInfo.from_env()
+    progress: Any = nullcontext()
+    if dist.rank == 0:  # one voice for all ranks: the same plan and progress line as `launch`
+        ranks = recipe.replace(scaling=dataclasses.replace(recipe.scaling, num_workers=dist.world_size))
+        print(make_plan(ranks, uses_cuda()).describe(ranks))
+        for line in (world_note(recipe, dist.world_size), resume_line(recipe)):
+            if line:
+                print(line)
+        sys.stdout.flush()
+        progress = ProgressBar(recipe.run_dir / "progress.json")
+    with progress:
+        result = run(recipe, dist)
     if result.final_dir is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()))
         print(f"finished {recipe.name} at step {result.step}: {metrics}")
@@ -77,6 +94,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise InputError(problem)
     if args.dry_run:
         return EXIT_OK
+    from beitdist.console import resume_line
+
+    resuming = resume_line(recipe)
+    if resuming:
+        print(resuming)
     result = launch(recipe, address=address)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
     print(f"finished {recipe.name} at step {result['step']}: {metrics}")

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from beitdist.console import ProgressBar
 from beitdist.errors import InputError, RunFailedError
 from beitdist.recipe import Recipe, parse_recipe
 
@@ -125,54 +125,6 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
     return LaunchPlan(world, use_gpu, recipe.data.batch_size, recipe.engine.grad_accum, recipe.global_batch,
                       engine["zero_stage"], recipe.train.steps, params, memory.device_total / GIB,
                       memory.cpu / GIB, device_gib, fitting)
-
-
-class ProgressBar:
-    """A live one-line bar on the driver (step, loss, images/s, ETA), fed by the progress file rank 0
-    writes about once a second; on a non-terminal it prints a line every 30 s instead."""
-
-    def __init__(self, path: Path, stream: Any = None) -> None:
-        self.path, self.stream = path, stream or sys.stderr
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.last: str | None = None
-
-    def __enter__(self) -> ProgressBar:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        if self.tty and self.last:
-            self.stream.write("\n")
-
-    def render(self) -> str | None:
-        try:
-            p = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        width = 24
-        filled = int(width * p["step"] / max(p["steps"], 1))
-        eta = int(p.get("eta_s", 0))
-        extra = "".join(f" {k} {v:.3f}" for k, v in p.items() if k.startswith("val_") and k != "val_loss")
-        return (f"[{'#' * filled}{'.' * (width - filled)}] step {p['step']}/{p['steps']} loss {p['loss']:.4f} "
-                f"{p['images_per_s']:.0f} img/s ETA {eta // 60}:{eta % 60:02d}{extra}")
-
-    def _loop(self) -> None:
-        printed_at = 0.0
-        while not self.stop.wait(1.0):
-            line = self.render()
-            if line is None or line == self.last:
-                continue
-            if self.tty:
-                self.stream.write("\r" + line[:150])
-                self.stream.flush()
-            elif time.monotonic() - printed_at >= 30:
-                self.stream.write(line + "\n")
-                printed_at = time.monotonic()
-            self.last = line
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

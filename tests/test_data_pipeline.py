@@ -9,7 +9,7 @@ import torch
 from beitdist import plugins
 from beitdist.data import datasets, tar_shards
 from beitdist.data.base import CorruptImageError
-from beitdist.data.pipeline import AugmentConfig, DataConfig, build_loaders, resolve_task
+from beitdist.data.pipeline import AugmentConfig, CorruptDataError, DataConfig, build_loaders, resolve_task
 from beitdist.schema import OptionsError
 from tests.test_data_datasets import make_ade, make_folder, truncate
 
@@ -115,11 +115,26 @@ def test_corrupt_image_policies_through_workers(tmp_path):
     cfg = {"dataset": "image_folder", "options": {"root": str(root)}, "batch_size": 2, "num_workers": 2,
            "augment": {"mixup": 0.0, "cutmix": 0.0}}
     stop, _ = build_loaders(cfg, "classification", 16, 8)
-    with pytest.raises(CorruptImageError, match="002.jpg"):
+    with pytest.raises(CorruptImageError, match=r"002.jpg.*\(data.on_corrupt: skip replaces undecodable images"):
         batches(stop)
     skip, _ = build_loaders({**cfg, "on_corrupt": "skip"}, "classification", 16, 8)
     assert sum(len(b["labels"]) for b in batches(skip)) == 8
     assert skip.corrupt_skipped == 1
+
+
+def test_skipping_stops_when_too_much_of_the_data_is_corrupt(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 100, "b": 100}, "val": {"a": 1}})
+    for i in range(0, 100, 10):  # 10 of 200: 5%
+        truncate(root / "train" / "a" / f"{i:03d}.jpg")
+    cfg = {"dataset": "image_folder", "options": {"root": str(root)}, "batch_size": 20, "on_corrupt": "skip",
+           "augment": {"mixup": 0.0, "cutmix": 0.0}}
+    strict, _ = build_loaders(cfg, "classification", 16, 8)
+    with pytest.raises(CorruptDataError, match=r"data.max_corrupt_fraction: \d+ of the \d+ samples this rank read "
+                                               r"\(\d+\.\d%\) failed to decode, more than 1.0%"):
+        batches(strict)
+    lenient, _ = build_loaders({**cfg, "max_corrupt_fraction": 0.1}, "classification", 16, 8)
+    assert sum(len(b["labels"]) for b in batches(lenient)) == 200
+    assert lenient.corrupt_skipped == 10 and lenient.samples_read == 200
 
 
 def test_config_errors_name_the_field():

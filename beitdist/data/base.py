@@ -88,6 +88,13 @@ class CorruptImageError(InputError):
         super().__init__(path if reason is None else f"cannot decode image {path}: {reason}")
         self.path = path
 
+    def with_hint(self) -> CorruptImageError:
+        """The same error, telling the user how to go on without the file (`on_corrupt: skip`)."""
+        hinted = CorruptImageError(f"{self} (data.on_corrupt: skip replaces undecodable images, up to "
+                                   "data.max_corrupt_fraction of them)")
+        hinted.path = self.path
+        return hinted
+
 
 def decode_image(source: str | os.PathLike[str] | bytes, name: str | None = None, mode: str | None = "RGB"
                  ) -> Image.Image:
@@ -182,7 +189,7 @@ class SkipCorrupt(Dataset):
             return self._with_count(self.dataset[index], 0)
         except CorruptImageError as err:
             if self.on_corrupt == "stop":
-                raise
+                raise err.with_hint() from None
             self._note(err)
         n = len(self)
         for step in range(1, min(self.max_tries, n)):

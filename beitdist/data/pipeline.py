@@ -34,6 +34,7 @@ from beitdist.data import presets
 from beitdist.data.base import OnCorrupt, SkipCorrupt
 from beitdist.data.mixup import Mixup
 from beitdist.data.sampler import ResumableDistributedSampler
+from beitdist.errors import InputError
 from beitdist.schema import check, parse
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,12 @@ class DataConfig:
     max_mask_patches_per_block: int | None = None
     on_corrupt: OnCorrupt = "stop"
     """"stop": an undecodable image raises, naming the file; "skip": log it, count it
-    (`loader.corrupt_skipped`) and use the next good sample."""
+    (`loader.corrupt_skipped`, and `corrupt_skipped` in train_result.json) and use the next good
+    sample."""
+    max_corrupt_fraction: float = 0.01
+    """With "skip": stop the run when more than this fraction of the samples a rank has read
+    failed to decode (judged from the 100th sample on): a dataset that is mostly unreadable is a
+    mistake to fix, not noise to train through."""
     val_batch_size: int | None = None
     """None: batch_size."""
     drop_last: bool = True
@@ -142,9 +148,20 @@ class DataConfig:
         check(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size",
               f"expected >= 1, got {self.val_batch_size}")
         check(self.num_workers >= 0, "num_workers", f"expected >= 0, got {self.num_workers}")
+        check(0.0 <= self.max_corrupt_fraction <= 1.0, "max_corrupt_fraction",
+              f"expected a fraction in [0, 1], got {self.max_corrupt_fraction}")
         check(0.0 < self.mask_ratio <= 1.0, "mask_ratio", f"expected (0, 1], got {self.mask_ratio}")
         check(self.num_masking_patches is None or self.num_masking_patches >= 1, "num_masking_patches",
               f"expected >= 1, got {self.num_masking_patches}")
+
+
+CORRUPT_SHARE_AFTER = 100
+"""Samples a rank reads before its share of corrupt ones is judged (one bad file in the first
+batch is not 1/32 of a dataset)."""
+
+
+class CorruptDataError(InputError):
+    """More of the dataset failed to decode than `data.max_corrupt_fraction` allows."""
 
 
 class Collate:
@@ -170,12 +187,25 @@ class BeitLoader:
     a training loader to the next epoch by itself; breaking out of a pass keeps the position."""
 
     def __init__(self, dataloader: DataLoader, transform: presets.SampleTransform, collate: Collate,
-                 sampler: ResumableDistributedSampler | None, train: bool) -> None:
+                 sampler: ResumableDistributedSampler | None, train: bool,
+                 max_corrupt_fraction: float | None = None) -> None:
         self.dataloader, self.transform, self.collate, self.sampler = dataloader, transform, collate, sampler
         self.dataset, self.train = dataloader.dataset, train
         self.batch_size = dataloader.batch_size
         self.epoch = 0
         self.corrupt_skipped = 0
+        self.samples_read = 0
+        self.max_corrupt_fraction = max_corrupt_fraction
+
+    def _check_corrupt_share(self) -> None:
+        limit = self.max_corrupt_fraction
+        if limit is None or self.samples_read < CORRUPT_SHARE_AFTER or self.corrupt_skipped <= limit * self.samples_read:
+            return
+        share = self.corrupt_skipped / self.samples_read
+        raise CorruptDataError(
+            f"data.max_corrupt_fraction: {self.corrupt_skipped} of the {self.samples_read} samples this rank read "
+            f"({share:.1%}) failed to decode, more than {limit:.1%}; fix the dataset (the log names each file) or "
+            "raise data.max_corrupt_fraction")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -198,8 +228,10 @@ class BeitLoader:
             for batch in batches:
                 delivered += 1
                 skipped = batch.pop("num_skipped", None)
+                self.samples_read += len(batch["pixel_values"])
                 if skipped is not None:
                     self.corrupt_skipped += int(skipped.sum())
+                    self._check_corrupt_share()
                 batch.pop("index", None)
                 if self.train and self.sampler is not None:
                     self.sampler.advance(len(batch["pixel_values"]))
@@ -288,7 +320,8 @@ def _loader(dataset: Dataset, transform: presets.SampleTransform, collate: Colla
     dataloader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
                             collate_fn=collate, drop_last=train and cfg.drop_last, pin_memory=train and _pin_memory(cfg),
                             persistent_workers=False, generator=torch.Generator().manual_seed(int(seed)))
-    return BeitLoader(dataloader, transform, collate, sampler, train)
+    limit = cfg.max_corrupt_fraction if cfg.on_corrupt == "skip" else None
+    return BeitLoader(dataloader, transform, collate, sampler, train, max_corrupt_fraction=limit)
 
 
 def _pin_memory(cfg: DataConfig) -> bool:

@@ -182,7 +182,7 @@ class TarShardDataset(IterableDataset):
                 item = self._decode(shard, key, files, sample_id)
             except CorruptImageError as err:
                 if self.on_corrupt == "stop":
-                    raise
+                    raise err.with_hint() from None
                 self.skipped += 1
                 pending += 1
                 if err.path not in self._logged:

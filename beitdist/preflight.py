@@ -109,14 +109,26 @@ def _recorded_recipe(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     return None
 
 
-def _shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
+def _meta_model(recipe: Recipe) -> Any:
+    """The recipe's model without memory (parameters on the meta device)."""
     import torch
 
     from beitdist.model import build_model
 
     with torch.device("meta"):
-        model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
+
+
+def _shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _meta_model(recipe).state_dict().items()}
+
+
+def check_freeze(recipe: Recipe) -> None:
+    """Every `model.freeze` pattern selects parameters of this model, and something still trains."""
+    if recipe.model.freeze:
+        from beitdist.freeze import frozen_names
+
+        frozen_names([name for name, _ in _meta_model(recipe).named_parameters()], recipe.model.freeze)
 
 
 def check_resumable(recipe: Recipe) -> None:
@@ -177,6 +189,7 @@ def preflight(recipe: Recipe, *, this_machine: bool = True, gpu: bool | None = N
     """Every check, in the order a user would fix them. `this_machine=False` (validate/launch
     `--skip-paths`, `launch --dry-run`) skips what depends on this machine's disks and devices."""
     check_tracking(recipe)
+    check_freeze(recipe)
     check_labels(recipe, this_machine)
     if not this_machine:
         return

@@ -63,10 +63,16 @@ class ModelSection:
     """Checkpoint to start from (unilm .pth, transformers dir, timm, beitdist): its weights are
     adapted to this model (resolution, shared -> per-block tables, new head)."""
     trust_pickle: bool = False
+    freeze: tuple[str, ...] = ()
+    """Parameters kept fixed (no gradient, no optimizer state, no weight decay): 'backbone',
+    'head', or globs on parameter names ('backbone.blocks.[0-5].*'). `[backbone]` is BEiT's linear
+    probe."""
 
     def __post_init__(self) -> None:
         check(self.variant in VARIANTS, "variant", f"got {self.variant!r}; allowed: {', '.join(VARIANTS)}")
         check(self.init is None or bool(self.init.strip()), "init", "expected a checkpoint path or null")
+        check(all(isinstance(p, str) and p.strip() for p in self.freeze), "freeze",
+              f"expected a list of parameter patterns, e.g. [backbone], got {list(self.freeze)!r}")
 
     def backbone_config(self) -> BackboneConfig:
         allowed = [f.name for f in dataclasses.fields(BackboneConfig)]

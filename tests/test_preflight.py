@@ -138,3 +138,11 @@ def test_refusal_through_the_command_line_is_one_line(tmp_path):
         "beitdist train: error: head.options.num_classes: 5, but the dataset 'digits' has 10 classes (labels 0..9); "
         "set head.options.num_classes: 10"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_freeze_patterns_must_select_parameters(tmp_path, capsys):
+    path = _recipe(tmp_path, model={"freeze": ["backbone.blocks.9.*"]})
+    _refused_everywhere(capsys, path, tmp_path, "model.freeze: 'backbone.blocks.9.*' matches no parameter")
+    path = _recipe(tmp_path, model={"freeze": ["backbone", "head"]})
+    _refused_everywhere(capsys, path, tmp_path, "model.freeze: every parameter would be frozen; nothing would train")
+    assert main(["validate", str(_recipe(tmp_path, model={"freeze": ["backbone"]}))]) == 0

@@ -92,17 +92,21 @@ def test_worker_failures_are_unwrapped_into_one_line_with_the_right_exit_code(tm
     from beitdist.launcher import _run_failed, root_cause
     from beitdist.recipe import parse_recipe
 
+    from beitdist.data.base import CorruptImageError
+
     recipe = parse_recipe({"name": "r", "output_dir": str(tmp_path)})
-    bad_image = ValueError("corrupt image /data/x.jpg: truncated")
+    bad_image = CorruptImageError("/data/x.jpg", "truncated")
     wrapped = RayTaskError("train_fn", "Traceback ...", bad_image)
     error = WorkerGroupError("snippet", {1: RuntimeError("rank 1 lost its peer"), 0: wrapped})
     assert root_cause(error) is bad_image
     failed = _run_failed(recipe, error, max_failures=3)
     assert failed.exit_code == 2 and "\n" not in str(failed)
-    assert "ValueError: corrupt image /data/x.jpg: truncated" in str(failed) and "after 3 restarts" in str(failed)
-    assert "no checkpoint was written" in str(failed)
+    assert "CorruptImageError: cannot decode image /data/x.jpg: truncated" in str(failed)
+    assert "after 3 restarts" in str(failed) and "no checkpoint was written" in str(failed)
     crash = _run_failed(recipe, WorkerGroupError("snippet", {0: MemoryError("out of memory")}), max_failures=0)
     assert crash.exit_code == 1 and "MemoryError: out of memory" in str(crash)
+    bug = _run_failed(recipe, WorkerGroupError("snippet", {0: ValueError("a bug, not input")}), max_failures=0)
+    assert bug.exit_code == 1  # only InputError is bad input
 
 
 def test_ray_worker_setup_hook_is_light_and_quiets_only_the_noise():

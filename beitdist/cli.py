@@ -39,7 +39,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from beitdist.engine import DistInfo
+    from beitdist.distributed import DistInfo
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
     from beitdist.train import run

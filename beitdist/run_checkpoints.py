@@ -5,37 +5,36 @@ file plus consolidated optimizer state); this module adds what neither engine ha
 (files and sizes, so a truncated or half-written checkpoint is detected and skipped), an atomic
 `latest` pointer (a crash mid-save never leaves one that cannot be loaded), resume from the newest
 complete checkpoint with one warning for the broken ones it passed over, pruning that never leaves
-fewer complete checkpoints than before, a failed save (disk full) turned into one clear line, and
-conversion to the universal format for a resume at another world size.
+fewer complete checkpoints than before, and a failed save (disk full) turned into one clear line.
+
+What is inside step_N is the engine's business: `consolidated_state_dict` asks the package of
+the engine that wrote it (`beitdist.engines.<backend>.checkpoints.consolidate`), imported only
+then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from beitdist.deepspeed_import import import_deepspeed
-
 log = logging.getLogger(__name__)
 
 MANIFEST = "beitdist_manifest.json"
 LATEST = "latest"
-FAIRSCALE_MODEL = "fairscale_model_states.pt"
-"""The full model state of a fairscale checkpoint (written by rank 0)."""
-FAIRSCALE_OPTIM = "fairscale_optim_states.pt"
-"""The optimizer state of a fairscale `oss` checkpoint, consolidated on rank 0."""
+ENGINE_CHECKPOINTS = {"deepspeed": "beitdist.engines.deepspeed.checkpoints",
+                      "fairscale": "beitdist.engines.fairscale.checkpoints"}
+"""Where each engine reads its own checkpoint files (`consolidate(tag_dir)`)."""
 TAG_PATTERN = re.compile(r"step_(\d+)")
 LOW_SPACE_BYTES = 1 << 20
 """A write failing without errno (torch's zip writer) with less free space than this, or than the
@@ -350,46 +349,16 @@ def saved_world_size(tag_dir: Path) -> int:
     return int(json.loads((Path(tag_dir) / MANIFEST).read_text())["world_size"])
 
 
-def to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert a checkpoint to DeepSpeed's universal format (for a different world size); returns
-    the universal tag, written into `latest_universal`. Runs once, on rank 0."""
-    ckpt_dir = Path(ckpt_dir)
-    universal = f"{tag}_universal"
-    if not (ckpt_dir / universal).exists():
-        tmp = ckpt_dir / f".{universal}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, ckpt_dir / universal)
-    write_atomic(ckpt_dir / "latest_universal", universal)
-    return universal
-
-
 def checkpoint_backend(tag_dir: Path) -> str:
     """The engine that wrote a checkpoint directory: "fairscale" or "deepspeed"."""
-    return "fairscale" if (Path(tag_dir) / FAIRSCALE_MODEL).exists() else "deepspeed"
+    from beitdist.engines.fairscale.checkpoints import wrote
+
+    return "fairscale" if wrote(tag_dir) else "deepspeed"
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint of either engine (any ZeRO stage, or a
-    fairscale checkpoint, whose model file already holds the full weights)."""
+    fairscale checkpoint), consolidated by the package of the engine that wrote it."""
     tag_dir = Path(ckpt_dir) / tag
-    if checkpoint_backend(tag_dir) == "fairscale":
-        module = torch.load(tag_dir / FAIRSCALE_MODEL, map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if any(tag_dir.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        # buffers (BatchNorm statistics) are kept in the model-states file
-        module = torch.load(next(tag_dir.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
-        for key, value in (module or {}).items():
-            state.setdefault(key, value.float() if value.is_floating_point() else value)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    engine_checkpoints = importlib.import_module(ENGINE_CHECKPOINTS[checkpoint_backend(tag_dir)])
+    return engine_checkpoints.consolidate(tag_dir)

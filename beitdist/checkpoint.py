@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -64,17 +63,10 @@ class LoadedCheckpoint:
 
 # --------------------------------------------------------------------- reading
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to unpickle arbitrary objects ({str(err).splitlines()[0]}). If you trust this "
-            "file, load it with trust_pickle=True (CLI: --trust-pickle)"
-        ) from None
+    from beitdist.run_checkpoints import load_checkpoint_file
+
+    # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
+    return load_checkpoint_file(path, trust_pickle, [argparse.Namespace])
 
 
 def _read_tensors(path: Path, trust_pickle: bool) -> Any:
@@ -112,7 +104,7 @@ def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
             if (path / name).exists():
                 return _from_foreign(unwrap(_read_tensors(path / name, trust_pickle), str(path / name)), hf, str(path))
         raise CheckpointError(f"{path}: config.json found but no model.safetensors or pytorch_model.bin")
-    training = _training_checkpoint(path)
+    training = _training_checkpoint(path, trust_pickle)
     if training is not None:
         return training
     raise CheckpointError(
@@ -124,13 +116,14 @@ def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
 TRAIN_STATE = "beitdist_state.json"
 
 
-def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
+def _training_checkpoint(path: Path, trust_pickle: bool) -> LoadedCheckpoint | None:
     """A run directory (its `final/`, else its newest complete checkpoint), a run's `checkpoints/`
     directory, or one DeepSpeed tag directory: ZeRO shards consolidated to fp32 weights, with the
     model described by the recipe saved beside them. Evaluating a DeepSpeed checkpoint needs no
-    DeepSpeed engine and no recipe file."""
+    DeepSpeed engine and no recipe file. The engine's files are unpickled weights-only unless
+    `trust_pickle` (a run directory may come from anyone)."""
     if (path / "final" / NATIVE_CONFIG).exists():
-        return _read_directory(path / "final", trust_pickle=False)
+        return _read_directory(path / "final", trust_pickle)
     if (path / TRAIN_STATE).exists():
         ckpt_dir, tag = path.parent, path.name
     else:
@@ -153,7 +146,7 @@ def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
     except OptionsError as err:
         raise CheckpointError(f"{state_file}: the saved recipe does not describe a model ({err})") from None
     log.info("consolidating the ZeRO shards of %s", ckpt_dir / tag)
-    state = consolidated_state_dict(ckpt_dir, tag)
+    state = consolidated_state_dict(ckpt_dir, tag, trust_pickle=trust_pickle)
     model = build_model(model_section.backbone_config(), head_section.name, head_section.options)
     return LoadedCheckpoint(state, model.config, model.head_name, model.head.options() if model.head else {},
                             str(ckpt_dir / tag), "deepspeed")

@@ -9,7 +9,7 @@ fewer complete checkpoints than before, and a failed save (disk full) turned int
 
 What is inside step_N is the engine's business: `consolidated_state_dict` asks the package of
 the engine that wrote it (`beitdist.engines.<backend>.checkpoints.consolidate`), imported only
-then.
+then, and `load_checkpoint_file` is the one weights-only reader both engines' consolidations use.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,7 +37,7 @@ MANIFEST = "beitdist_manifest.json"
 LATEST = "latest"
 ENGINE_CHECKPOINTS = {"deepspeed": "beitdist.engines.deepspeed.checkpoints",
                       "fairscale": "beitdist.engines.fairscale.checkpoints"}
-"""Where each engine reads its own checkpoint files (`consolidate(tag_dir)`)."""
+"""Where each engine reads its own checkpoint files (`consolidate(tag_dir, trust_pickle)`)."""
 TAG_PATTERN = re.compile(r"step_(\d+)")
 LOW_SPACE_BYTES = 1 << 20
 """A write failing without errno (torch's zip writer) with less free space than this, or than the
@@ -356,9 +359,30 @@ def checkpoint_backend(tag_dir: Path) -> str:
     return "fairscale" if wrote(tag_dir) else "deepspeed"
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+def load_checkpoint_file(path: Path, trust_pickle: bool = False, safe_globals: Iterable[Any] = (),
+                         mmap: bool = False) -> Any:
+    """`torch.load` of one checkpoint file onto the CPU, weights only: tensors, containers,
+    numbers, strings, and the classes in `safe_globals`. A file that would unpickle anything else
+    (run code of its choosing) is refused with a CheckpointError naming it, unless
+    `trust_pickle`, which loads everything."""
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        from beitdist.backbone.convert import CheckpointError
+
+        raise CheckpointError(
+            f"{path}: refused to unpickle arbitrary objects ({str(err).splitlines()[0]}). If you trust this "
+            "file, load it with trust_pickle=True (CLI: --trust-pickle)"
+        ) from None
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint of either engine (any ZeRO stage, or a
-    fairscale checkpoint), consolidated by the package of the engine that wrote it."""
+    fairscale checkpoint), consolidated by the package of the engine that wrote it. Its files are
+    unpickled weights-only unless `trust_pickle` (`load_checkpoint_file`)."""
     tag_dir = Path(ckpt_dir) / tag
     engine_checkpoints = importlib.import_module(ENGINE_CHECKPOINTS[checkpoint_backend(tag_dir)])
-    return engine_checkpoints.consolidate(tag_dir)
+    return engine_checkpoints.consolidate(tag_dir, trust_pickle=trust_pickle)

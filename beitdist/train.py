@@ -333,8 +333,10 @@ class Trainer:
             log.info("removed old checkpoints %s", ", ".join(deleted))
 
     def consolidate(self, tag: str) -> Path:
-        """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint)."""
-        state = ckpts.consolidated_state_dict(self.ckpt_dir, tag)
+        """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint). The
+        shards are this run's own, which a resume unpickles in full anyway (the engines' loaders
+        do), so they are trusted here; `load_model(run_dir)` is what reads them weights-only."""
+        state = ckpts.consolidated_state_dict(self.ckpt_dir, tag, trust_pickle=True)
         recipe = self.recipe
         model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -13,8 +13,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,33 +62,11 @@ class LoadedCheckpoint:
 
 
 # --------------------------------------------------------------------- reading
-def _corrupt(path: Path, err: BaseException) -> CheckpointError:
-    text = str(err)
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's own words, without its advice
-    reason = unpickler.group(1) if unpickler else (text.strip().splitlines() or [""])[0]
-    return CheckpointError(f"{path}: corrupt or not a checkpoint ({type(err).__name__}: {reason.strip()[:200]})")
-
-
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # only a well-formed pickle naming a class the safe loader refuses is worth trusting;
-        # anything else (random bytes, a truncated file) fails the same way with trust_pickle
-        if trust_pickle or "Unsupported global" not in str(err):
-            raise _corrupt(path, err) from None
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"the class {refused.group(1)}" if refused else "arbitrary objects"
-        raise CheckpointError(
-            f"{path}: refused to unpickle {what}. If you trust this file, load it with trust_pickle=True "
-            "(CLI: --trust-pickle)"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - garbage bytes fail anywhere in the unpickler (IndexError, ...)
-        raise _corrupt(path, err) from None
+    from beitdist.run_checkpoints import load_checkpoint_file
+
+    # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
+    return load_checkpoint_file(path, trust_pickle, [argparse.Namespace])
 
 
 def _read_tensors(path: Path, trust_pickle: bool) -> Any:
@@ -98,7 +74,9 @@ def _read_tensors(path: Path, trust_pickle: bool) -> Any:
         try:
             return load_file(str(path))
         except SafetensorError as err:
-            raise _corrupt(path, err) from None
+            from beitdist.run_checkpoints import corrupt_checkpoint
+
+            raise corrupt_checkpoint(path, err) from None
     return _torch_load(path, trust_pickle)
 
 
@@ -131,7 +109,7 @@ def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
             if (path / name).exists():
                 return _from_foreign(unwrap(_read_tensors(path / name, trust_pickle), str(path / name)), hf, str(path))
         raise CheckpointError(f"{path}: config.json found but no model.safetensors or pytorch_model.bin")
-    training = _training_checkpoint(path)
+    training = _training_checkpoint(path, trust_pickle)
     if training is not None:
         return training
     raise CheckpointError(
@@ -143,13 +121,14 @@ def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
 TRAIN_STATE = "beitdist_state.json"
 
 
-def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
+def _training_checkpoint(path: Path, trust_pickle: bool) -> LoadedCheckpoint | None:
     """A run directory (its `final/`, else its newest complete checkpoint), a run's `checkpoints/`
     directory, or one DeepSpeed tag directory: ZeRO shards consolidated to fp32 weights, with the
     model described by the recipe saved beside them. Evaluating a DeepSpeed checkpoint needs no
-    DeepSpeed engine and no recipe file."""
+    DeepSpeed engine and no recipe file. The engine's files are unpickled weights-only unless
+    `trust_pickle` (a run directory may come from anyone)."""
     if (path / "final" / NATIVE_CONFIG).exists():
-        return _read_directory(path / "final", trust_pickle=False)
+        return _read_directory(path / "final", trust_pickle)
     if (path / TRAIN_STATE).exists():
         ckpt_dir, tag = path.parent, path.name
     else:
@@ -160,8 +139,8 @@ def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
         if not tags:
             return None
         ckpt_dir, tag = ckpt_dir, tags[0]
-    from beitdist.run_checkpoints import consolidated_state_dict
     from beitdist.recipe import HeadSection, ModelSection
+    from beitdist.run_checkpoints import consolidated_state_dict
     from beitdist.schema import OptionsError, parse
 
     state_file = ckpt_dir / tag / TRAIN_STATE
@@ -172,7 +151,7 @@ def _training_checkpoint(path: Path) -> LoadedCheckpoint | None:
     except OptionsError as err:
         raise CheckpointError(f"{state_file}: the saved recipe does not describe a model ({err})") from None
     log.info("consolidating the ZeRO shards of %s", ckpt_dir / tag)
-    state = consolidated_state_dict(ckpt_dir, tag)
+    state = consolidated_state_dict(ckpt_dir, tag, trust_pickle=trust_pickle)
     model = build_model(model_section.backbone_config(), head_section.name, head_section.options)
     return LoadedCheckpoint(state, model.config, model.head_name, model.head.options() if model.head else {},
                             str(ckpt_dir / tag), "deepspeed")

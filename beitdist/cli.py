@@ -45,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
     from beitdist.console import ProgressBar, resume_line, world_note
-    from beitdist.engine import DistInfo, uses_cuda
+    from beitdist.distributed import DistInfo, uses_cuda
     from beitdist.launcher import make_plan
     from beitdist.preflight import preflight
     from beitdist.recipe import with_environment

@@ -131,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray worker: rebuild the recipe, train, report progress to Ray."""
     import ray.train
 
-    from beitdist.engine import DistInfo
+    from beitdist.distributed import DistInfo
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # DeepSpeed's accelerator must match the resources Ray gave this worker: set before anything

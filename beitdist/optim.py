@@ -142,24 +142,9 @@ def adamw_options(config: OptimConfig) -> dict[str, Any]:
     return {"lr": config.lr, "betas": config.betas, "eps": config.eps}
 
 
-def build_adamw(groups: list[dict[str, Any]], config: OptimConfig, cpu_offload: bool = False,
-                sharded: bool = False) -> torch.optim.Optimizer:
-    """torch AdamW over the layer-decay groups, for every engine: plain (DeepSpeed takes it as its
-    client optimizer), DeepSpeed's CPU Adam when the optimizer state is offloaded to CPU, or
-    wrapped in fairscale's OSS when `sharded` (each rank keeps and steps its shard of the state)."""
-    groups = optimizer_groups(groups)
-    if cpu_offload:
-        from beitdist.deepspeed_import import import_deepspeed
-
-        import_deepspeed()
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=config.lr, betas=config.betas, eps=config.eps, adamw_mode=True)
-    if sharded:
-        from fairscale.optim import OSS
-
-        # force_broadcast_object: consolidation for a checkpoint sends each rank's state as bytes
-        # and loads it on the receiver's own device; broadcast_object_list would unpickle it onto
-        # the sender's GPU index, opening a CUDA context and a copy of every shard on every GPU
-        return OSS(groups, optim=torch.optim.AdamW, force_broadcast_object=True, **adamw_options(config))
-    return torch.optim.AdamW(groups, **adamw_options(config))
+def build_adamw(groups: list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW over the layer-decay groups, the one optimizer every engine starts from:
+    DeepSpeed takes it as its client optimizer (or builds its CPU Adam over the same groups and
+    options, `beitdist.engines.deepspeed.optim`), fairscale wraps the same AdamW in OSS
+    (`beitdist.engines.fairscale.engine`)."""
+    return torch.optim.AdamW(optimizer_groups(groups), **adamw_options(config))

@@ -159,7 +159,8 @@ def state_bytes(precision: str, stage: int, offload_optimizer: bool) -> StateByt
 
 def _zero_section(stage: int, offload_optimizer: bool, offload_params: bool, world: int) -> dict:
     """The zero_optimization section beitdist's engine writes for this setting (bucket sizes)."""
-    from beitdist.engine import EngineConfig, deepspeed_config
+    from beitdist.engines.config import EngineConfig
+    from beitdist.engines.deepspeed.config import deepspeed_config
     from beitdist.optim import OptimConfig
 
     engine = EngineConfig(zero_stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params)

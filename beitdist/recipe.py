@@ -28,7 +28,7 @@ import yaml
 
 from beitdist.backbone.config import VARIANTS, BackboneConfig, variant
 from beitdist.data.pipeline import DataConfig
-from beitdist.engine import EngineConfig
+from beitdist.engines.config import EngineConfig
 from beitdist.errors import InputError
 from beitdist.optim import OptimConfig
 from beitdist.schema import OptionsError, check, parse, to_dict

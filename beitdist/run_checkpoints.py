@@ -5,37 +5,39 @@ file plus consolidated optimizer state); this module adds what neither engine ha
 (files and sizes, so a truncated or half-written checkpoint is detected and skipped), an atomic
 `latest` pointer (a crash mid-save never leaves one that cannot be loaded), resume from the newest
 complete checkpoint with one warning for the broken ones it passed over, pruning that never leaves
-fewer complete checkpoints than before, a failed save (disk full) turned into one clear line, and
-conversion to the universal format for a resume at another world size.
+fewer complete checkpoints than before, and a failed save (disk full) turned into one clear line.
+
+What is inside step_N is the engine's business: `consolidated_state_dict` asks the package of
+the engine that wrote it (`beitdist.engines.<backend>.checkpoints.consolidate`), imported only
+then, and `load_checkpoint_file` is the one weights-only reader both engines' consolidations use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
-import subprocess
-import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from beitdist.deepspeed_import import import_deepspeed
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "beitdist_manifest.json"
 LATEST = "latest"
-FAIRSCALE_MODEL = "fairscale_model_states.pt"
-"""The full model state of a fairscale checkpoint (written by rank 0)."""
-FAIRSCALE_OPTIM = "fairscale_optim_states.pt"
-"""The optimizer state of a fairscale `oss` checkpoint, consolidated on rank 0."""
+ENGINE_CHECKPOINTS = {"deepspeed": "beitdist.engines.deepspeed.checkpoints",
+                      "fairscale": "beitdist.engines.fairscale.checkpoints"}
+"""Where each engine reads its own checkpoint files (`consolidate(tag_dir, trust_pickle)`)."""
 TAG_PATTERN = re.compile(r"step_(\d+)")
 LOW_SPACE_BYTES = 1 << 20
 """A write failing without errno (torch's zip writer) with less free space than this, or than the
@@ -350,46 +352,57 @@ def saved_world_size(tag_dir: Path) -> int:
     return int(json.loads((Path(tag_dir) / MANIFEST).read_text())["world_size"])
 
 
-def to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert a checkpoint to DeepSpeed's universal format (for a different world size); returns
-    the universal tag, written into `latest_universal`. Runs once, on rank 0."""
-    ckpt_dir = Path(ckpt_dir)
-    universal = f"{tag}_universal"
-    if not (ckpt_dir / universal).exists():
-        tmp = ckpt_dir / f".{universal}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, ckpt_dir / universal)
-    write_atomic(ckpt_dir / "latest_universal", universal)
-    return universal
-
-
 def checkpoint_backend(tag_dir: Path) -> str:
     """The engine that wrote a checkpoint directory: "fairscale" or "deepspeed"."""
-    return "fairscale" if (Path(tag_dir) / FAIRSCALE_MODEL).exists() else "deepspeed"
+    from beitdist.engines.fairscale.checkpoints import wrote
+
+    return "fairscale" if wrote(tag_dir) else "deepspeed"
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+def corrupt_checkpoint(path: Path, err: BaseException) -> Exception:
+    """The CheckpointError for a file that is not a readable checkpoint (random bytes, truncated)."""
+    from beitdist.backbone.convert import CheckpointError
+
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's own words, without its advice
+    reason = unpickler.group(1) if unpickler else (text.strip().splitlines() or [""])[0]
+    return CheckpointError(f"{path}: corrupt or not a checkpoint ({type(err).__name__}: {reason.strip()[:200]})")
+
+
+def load_checkpoint_file(path: Path, trust_pickle: bool = False, safe_globals: Iterable[Any] = (),
+                         mmap: bool = False) -> Any:
+    """`torch.load` of one checkpoint file onto the CPU, weights only: tensors, containers,
+    numbers, strings, and the classes in `safe_globals`. A file that would unpickle anything else
+    (run code of its choosing) is refused with a CheckpointError naming it, unless
+    `trust_pickle`, which loads everything. A file that is no checkpoint at all is a
+    CheckpointError "corrupt or not a checkpoint" either way: trusting it would not help."""
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # only a well-formed pickle naming a global the safe loader refuses is worth trusting
+        refused = re.search(r"GLOBAL (\S+)", str(err))
+        if trust_pickle or refused is None:
+            raise corrupt_checkpoint(path, err) from None
+        from beitdist.backbone.convert import CheckpointError
+
+        what = f"arbitrary objects (here {refused.group(1)})"
+        raise CheckpointError(
+            f"{path}: refused to unpickle {what}. If you trust this file, load it with trust_pickle=True "
+            "(CLI: --trust-pickle)"
+        ) from None
+    except OSError:
+        raise  # a missing or unreadable file: the caller says which
+    except Exception as err:  # noqa: BLE001 - garbage bytes fail anywhere in the unpickler (IndexError, ...)
+        raise corrupt_checkpoint(path, err) from None
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a checkpoint of either engine (any ZeRO stage, or a
-    fairscale checkpoint, whose model file already holds the full weights)."""
+    fairscale checkpoint), consolidated by the package of the engine that wrote it. Its files are
+    unpickled weights-only unless `trust_pickle` (`load_checkpoint_file`)."""
     tag_dir = Path(ckpt_dir) / tag
-    if checkpoint_backend(tag_dir) == "fairscale":
-        module = torch.load(tag_dir / FAIRSCALE_MODEL, map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if any(tag_dir.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        # buffers (BatchNorm statistics) are kept in the model-states file
-        module = torch.load(next(tag_dir.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
-        for key, value in (module or {}).items():
-            state.setdefault(key, value.float() if value.is_floating_point() else value)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    engine_checkpoints = importlib.import_module(ENGINE_CHECKPOINTS[checkpoint_backend(tag_dir)])
+    return engine_checkpoints.consolidate(tag_dir, trust_pickle=trust_pickle)

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from beitdist import engine as eng
 from beitdist import run_checkpoints as ckpts
 from beitdist import plugins
 from beitdist.checkpoint import CheckpointError, load_model, save_checkpoint
 from beitdist.data.pipeline import build_loaders
-from beitdist.engines import check_engine_available, create_engine
+from beitdist.distributed import DistInfo, apply_matmul_precision, device_for
+from beitdist.engines import check_engine_available, create_engine, init_distributed
 from beitdist.errors import RunFailedError
 from beitdist.events import TrainContext
 from beitdist.model import BeitForTask, ModelOutput, build_model
@@ -85,7 +85,7 @@ def _task(head_name: str) -> str:
 class Trainer:
     """Holds the pieces of one run on one rank; `run()` drives it."""
 
-    def __init__(self, recipe: Recipe, dist_info: eng.DistInfo, reporter: Reporter | None = None) -> None:
+    def __init__(self, recipe: Recipe, dist_info: DistInfo, reporter: Reporter | None = None) -> None:
         self.recipe = recipe
         self.dist_info = dist_info
         self.reporter = reporter
@@ -102,14 +102,14 @@ class Trainer:
     def setup(self) -> None:
         recipe = self.recipe
         check_engine_available(recipe.engine)  # before joining the group: one clear line, no hang
-        eng.init_distributed(self.dist_info, recipe.engine.backend)
+        init_distributed(self.dist_info, recipe.engine.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.recipe = recipe = recipe.at_world_size(self.world)  # grad_accum for a pinned global batch
         if self.rank == 0 and recipe.scaling.global_batch_size:
             log.info("global batch %d = %d per rank x %d accumulation x %d ranks", recipe.global_batch,
                      recipe.data.batch_size, recipe.engine.grad_accum, self.world)
-        self.device = eng.device_for(self.dist_info)
-        eng.apply_matmul_precision(recipe.engine)
+        self.device = device_for(self.dist_info)
+        apply_matmul_precision(recipe.engine)
         _seed_everything(recipe.seed, 0, self.rank)
         self.engine = create_engine(recipe.engine, recipe.optim, recipe.data.batch_size, self.world, self.device)
         backbone = recipe.model.backbone_config()
@@ -333,8 +333,10 @@ class Trainer:
             log.info("removed old checkpoints %s", ", ".join(deleted))
 
     def consolidate(self, tag: str) -> Path:
-        """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint)."""
-        state = ckpts.consolidated_state_dict(self.ckpt_dir, tag)
+        """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint). The
+        shards are this run's own, which a resume unpickles in full anyway (the engines' loaders
+        do), so they are trusted here; `load_model(run_dir)` is what reads them weights-only."""
+        state = ckpts.consolidated_state_dict(self.ckpt_dir, tag, trust_pickle=True)
         recipe = self.recipe
         model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -491,6 +493,6 @@ def _sample(batch: Mapping[str, Any], count: int = 4) -> dict[str, torch.Tensor]
             if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size}
 
 
-def run(recipe: Recipe, dist_info: eng.DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:
+def run(recipe: Recipe, dist_info: DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:
     """Train `recipe` on this rank (one process of a torchrun / Ray / plain run)."""
-    return Trainer(recipe, dist_info or eng.DistInfo.from_env(), reporter).run()
+    return Trainer(recipe, dist_info or DistInfo.from_env(), reporter).run()

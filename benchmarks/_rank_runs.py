@@ -219,7 +219,7 @@ def train(spec: dict[str, Any], out: Path, nproc: int, env: dict[str, str], inte
     """Run a recipe under torchrun (`nproc` ranks) while sampling memory and progress. The recipe,
     and the launcher's output as <name>.log, go into `out`; a run directory left there by an
     earlier launch of the same recipe is removed first (it would be resumed, not run)."""
-    from beitdist.engine import free_port
+    from beitdist.distributed import free_port
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{spec['name']}.yaml"

@@ -116,7 +116,7 @@ def bare_worker(rank: int, world: int, port: int, reduce: bool, recipe_path: str
 
 def run_bare(args: argparse.Namespace, num_workers: int, reduce: bool) -> list[float]:
     """`num_workers` bare ranks at once; each one's images/s."""
-    from beitdist.engine import free_port
+    from beitdist.distributed import free_port
 
     threads = max(1, (os.cpu_count() or 1) // num_workers)  # what the launcher gives a Ray worker
     context = mp.get_context("spawn")

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from beitdist.engine import free_port
+from beitdist.distributed import free_port
 
 TINY_RECIPE: dict[str, Any] = {
     "name": "tiny",

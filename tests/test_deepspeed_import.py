@@ -1,5 +1,5 @@
-"""beitdist.deepspeed_import: DeepSpeed is imported without the mlflow import its autotuner makes
-on the side (seconds per rank), and mlflow still imports normally afterwards."""
+"""beitdist.engines.deepspeed.importing: DeepSpeed is imported without the mlflow import its
+autotuner makes on the side (seconds per rank), and mlflow still imports normally afterwards."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _run(code: str) -> str:
 
 
 def test_deepspeed_comes_without_mlflow_and_mlflow_still_imports_after():
-    out = _run("import sys; from beitdist.deepspeed_import import import_deepspeed; ds = import_deepspeed(); "
+    out = _run("import sys; from beitdist.engines.deepspeed.importing import import_deepspeed; ds = import_deepspeed(); "
                "assert 'mlflow' not in sys.modules, 'mlflow imported'; "
                "assert import_deepspeed() is ds and ds.init_distributed; "
                "import mlflow; from mlflow import MlflowClient; print('ok', mlflow.__version__ > '')")
@@ -26,14 +26,14 @@ def test_deepspeed_comes_without_mlflow_and_mlflow_still_imports_after():
 
 
 def test_mlflow_imported_first_is_left_alone():
-    out = _run("import sys, mlflow; from beitdist.deepspeed_import import import_deepspeed; import_deepspeed(); "
+    out = _run("import sys, mlflow; from beitdist.engines.deepspeed.importing import import_deepspeed; import_deepspeed(); "
                "print(sys.modules['mlflow'] is mlflow)")
     assert out == "True"
 
 
 @pytest.mark.parametrize("first", ["", "import deepspeed; "], ids=["beitdist-imports-deepspeed", "caller-did"])
 def test_deepspeeds_muon_module_is_imported_without_compiling_anything(first):
-    out = _run(f"import sys; {first}from beitdist.deepspeed_import import import_deepspeed; import_deepspeed(); "
+    out = _run(f"import sys; {first}from beitdist.engines.deepspeed.importing import import_deepspeed; import_deepspeed(); "
                "from deepspeed.runtime import compiler; import torch; "
                "from deepspeed.runtime.zero.muon import original_muon; "
                "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'; "
@@ -45,7 +45,7 @@ def test_deepspeeds_muon_module_is_imported_without_compiling_anything(first):
 def test_compile_on_first_call_compiles_once_when_first_called(monkeypatch):
     import torch
 
-    from beitdist.deepspeed_import import compile_on_first_call
+    from beitdist.engines.deepspeed.importing import compile_on_first_call
 
     compiled_fns = []
 

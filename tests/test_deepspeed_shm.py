@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from beitdist import deepspeed_shm
+from beitdist.engines.deepspeed import shm as deepspeed_shm
 
 
 def test_buffer_name_follows_deepspeed_and_is_released_once(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from beitdist import engine as eng
+from beitdist import distributed
 from beitdist.data.pipeline import DataConfig, _pin_memory
 from beitdist.schema import OptionsError
 from beitdist.launcher import uses_gpu
@@ -26,12 +26,12 @@ def test_a_rank_follows_deepspeeds_accelerator(two_gpus, monkeypatch):
     """DS_ACCELERATOR=cpu on a GPU machine puts the whole rank on the CPU (gloo): DeepSpeed places
     the model there, so batches and collectives must not go to the GPU."""
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    assert eng.uses_cuda()
-    assert eng.device_for(eng.DistInfo(local_rank=3)) == torch.device("cuda", 1)
+    assert distributed.uses_cuda()
+    assert distributed.device_for(distributed.DistInfo(local_rank=3)) == torch.device("cuda", 1)
     assert _pin_memory(DataConfig(dataset="digits"))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    assert not eng.uses_cuda()
-    assert eng.device_for(eng.DistInfo(local_rank=1)) == torch.device("cpu")
+    assert not distributed.uses_cuda()
+    assert distributed.device_for(distributed.DistInfo(local_rank=1)) == torch.device("cpu")
     assert not _pin_memory(DataConfig(dataset="digits"))
     assert _pin_memory(DataConfig(dataset="digits", pin_memory=True))
 
@@ -75,9 +75,9 @@ def test_tf32_is_a_recipe_switch_for_cuda_matmuls_only(monkeypatch):
         cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
     else:
         monkeypatch.setattr(matmul, "allow_tf32", False)
-    eng.apply_matmul_precision(load_recipe(QUICKSTART).engine)
+    distributed.apply_matmul_precision(load_recipe(QUICKSTART).engine)
     assert not cuda_tf32()
-    eng.apply_matmul_precision(recipe.engine)
+    distributed.apply_matmul_precision(recipe.engine)
     assert cuda_tf32()
     if new_api:
         assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision

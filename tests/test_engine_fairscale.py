@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from beitdist import engines
 from beitdist import run_checkpoints as ckpts
-from beitdist.engine import EngineConfig
+from beitdist.engines.config import EngineConfig
+from beitdist.engines.fairscale import checkpoints as fairscale_checkpoints
 from beitdist.optim import OptimConfig
 from beitdist.recipe import RecipeError, parse_recipe
 from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
@@ -78,7 +79,7 @@ def test_fairscale_not_installed_is_a_clear_error(monkeypatch):
             raise ModuleNotFoundError("No module named 'fairscale'")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(engines.importlib, "import_module", without_fairscale)
+    monkeypatch.setattr(importlib, "import_module", without_fairscale)
     with pytest.raises(engines.EngineUnavailableError) as info:
         engines.check_engine_available(EngineConfig(backend="fairscale"))
     assert str(info.value) == (
@@ -92,8 +93,8 @@ def test_fairscale_checkpoint_is_recognised_and_consolidates(tmp_path):
     tag_dir = tmp_path / "step_3"
     tag_dir.mkdir()
     weights = {"backbone.cls_token": torch.randn(1, 1, 4, dtype=torch.bfloat16), "backbone.index": torch.arange(3)}
-    torch.save({"module": weights, "world_size": 2, "mode": "oss"}, tag_dir / ckpts.FAIRSCALE_MODEL)
-    torch.save({"state": {}, "param_groups": []}, tag_dir / ckpts.FAIRSCALE_OPTIM)
+    torch.save({"module": weights, "world_size": 2, "mode": "oss"}, tag_dir / fairscale_checkpoints.MODEL_FILE)
+    torch.save({"state": {}, "param_groups": []}, tag_dir / fairscale_checkpoints.OPTIM_FILE)
     ckpts.commit_checkpoint(tmp_path, "step_3", world_size=2)
     assert ckpts.checkpoint_backend(tag_dir) == "fairscale" and ckpts.complete_tags(tmp_path) == ["step_3"]
     state = ckpts.consolidated_state_dict(tmp_path, "step_3")
@@ -129,7 +130,7 @@ def test_fairscale_oss_matches_deepspeed_zero2_and_resumes_exactly(tmp_path):
     assert sorted(a) == sorted(b)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff < 1e-5, diff
-    assert (tmp_path / "runs/fs/checkpoints/step_6" / ckpts.FAIRSCALE_OPTIM).exists()
+    assert (tmp_path / "runs/fs/checkpoints/step_6" / fairscale_checkpoints.OPTIM_FILE).exists()
     assert not list((tmp_path / "runs/fs/checkpoints/step_6").glob("*zero*"))
 
     # resume: a copy of the run cut back to step_3 (as if stopped there) finishes like the whole run

@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from beitdist.engine import free_port
+from beitdist.distributed import free_port
 from tests.distributed import TINY_RECIPE, merge
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from beitdist.engine import free_port
+from beitdist.distributed import free_port
 from tests.distributed import TINY_RECIPE, merge
 
 pytestmark = pytest.mark.slow

@@ -222,7 +222,8 @@ def test_buffers_follow_beitdist_deepspeed_config(large: ParameterCount) -> None
     """ZeRO allocates the whole `reduce_bucket_size` beitdist writes; ZeRO-3 keeps up to
     `stage3_max_live_parameters` (DeepSpeed's default 1e9) gathered, here the whole model; DDP
     flattens up to DeepSpeed's `allreduce_bucket_size` (5e8) gradients at once, and only across ranks."""
-    from beitdist.engine import EngineConfig, deepspeed_config
+    from beitdist.engines.config import EngineConfig
+    from beitdist.engines.deepspeed.config import deepspeed_config
     from beitdist.optim import OptimConfig
 
     zero = deepspeed_config(EngineConfig(zero_stage=3), OptimConfig(), 1, 2)["zero_optimization"]
@@ -237,7 +238,8 @@ def test_buffers_follow_beitdist_deepspeed_config(large: ParameterCount) -> None
 def test_only_zero3_overlaps_its_gradient_reduction_with_the_backward() -> None:
     """ZeRO-3 keeps one reduce bucket whether it overlaps or not (the planner's count holds);
     ZeRO-1/2 would allocate a second one, so they stay with DeepSpeed's default (off)."""
-    from beitdist.engine import EngineConfig, deepspeed_config
+    from beitdist.engines.config import EngineConfig
+    from beitdist.engines.deepspeed.config import deepspeed_config
     from beitdist.optim import OptimConfig
 
     overlap = {stage: deepspeed_config(EngineConfig(zero_stage=stage), OptimConfig(), 1, 2)["zero_optimization"]

@@ -107,7 +107,7 @@ def test_misspelt_tracking_uri(tmp_path, capsys):
 
 
 def test_unreachable_tracking_server_is_one_warning(tmp_path, caplog):
-    from beitdist.engine import free_port
+    from beitdist.distributed import free_port
 
     path = _recipe(tmp_path, tracking={"enabled": True, "uri": f"http://127.0.0.1:{free_port()}"})
     assert main(["validate", str(path)]) == 0

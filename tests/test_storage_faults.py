@@ -84,7 +84,7 @@ def test_unreadable_manifest_is_named(ckpt):
 
 def test_complete_tags_logs_each_broken_checkpoint_once(ckpt, caplog):
     (ckpt / "step_6" / SHARD).write_bytes(b"m" * 40)
-    with caplog.at_level("WARNING", logger="beitdist.engine"):
+    with caplog.at_level("WARNING", logger="beitdist.run_checkpoints"):
         assert ckpts.complete_tags(ckpt) == ["step_3"]
         assert ckpts.complete_tags(ckpt, quiet=True) == ["step_3"]
     assert [r.getMessage() for r in caplog.records] == [

@@ -22,13 +22,17 @@ def _model() -> nn.Module:
 
 def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    from beitdist import engine as eng
-    from beitdist.deepspeed_import import import_deepspeed
+    from beitdist.distributed import DistInfo
+    from beitdist.engines import init_distributed
+    from beitdist.engines.config import EngineConfig
+    from beitdist.engines.deepspeed.config import deepspeed_config
+    from beitdist.engines.deepspeed.importing import import_deepspeed
+    from beitdist.engines.deepspeed.zero import load_weights_into, model_construction
     from beitdist.optim import OptimConfig
 
-    eng.init_distributed(eng.DistInfo(rank=rank, world_size=WORLD, local_rank=rank, master_port=port))
-    config = eng.EngineConfig(zero_stage=3)
-    with eng.model_construction(config, eng.deepspeed_config(config, OptimConfig(), 1, WORLD)):
+    init_distributed(DistInfo(rank=rank, world_size=WORLD, local_rank=rank, master_port=port))
+    config = EngineConfig(zero_stage=3)
+    with model_construction(config, deepspeed_config(config, OptimConfig(), 1, WORLD)):
         model = _model()
     assert all(hasattr(p, "ds_id") for p in model.parameters())  # partitioned: the case under test
     state = {}
@@ -36,7 +40,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         torch.manual_seed(1)
         state = {k: (torch.randn_like(v.float()) + 3).to(v.dtype) for k, v in _model().state_dict().items()}
         state["1.num_batches_tracked"] = torch.tensor(7)
-    eng.load_weights_into(model, state)
+    load_weights_into(model, state)
     deepspeed = import_deepspeed()
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         full = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -46,7 +50,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_every_rank_gets_rank0s_parameters_and_buffers(tmp_path):
-    from beitdist.engine import free_port
+    from beitdist.distributed import free_port
 
     mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

@@ -139,7 +139,7 @@ class DataConfig:
     shuffle: bool = True
     pin_memory: bool | None = None
     """Page-locked training batches, so the copy to the GPU runs asynchronously. None: when
-    training on a GPU (`beitdist.engine.uses_cuda`). Validation batches are never pinned: an
+    training on a GPU (`beitdist.distributed.uses_cuda`). Validation batches are never pinned: an
     evaluation holds its whole shard, and torch keeps pinned blocks cached for the run."""
 
     def __post_init__(self) -> None:
@@ -327,7 +327,7 @@ def _loader(dataset: Dataset, transform: presets.SampleTransform, collate: Colla
 def _pin_memory(cfg: DataConfig) -> bool:
     if cfg.pin_memory is not None:
         return cfg.pin_memory
-    from beitdist.engine import uses_cuda
+    from beitdist.distributed import uses_cuda
 
     return uses_cuda()
 

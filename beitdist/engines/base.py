@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from beitdist.engine import EngineConfig
+from beitdist.engines.config import EngineConfig
 from beitdist.optim import OptimConfig
 
 

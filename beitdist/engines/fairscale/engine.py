@@ -17,7 +17,7 @@ full model state (identical on every rank under OSS) to `fairscale_model_states.
 state is consolidated to rank 0 (OSS.consolidate_state_dict) into `fairscale_optim_states.pt`, so
 an `oss` checkpoint resumes at any world size. Under `fsdp` each rank writes its own optimizer
 shard (`fairscale_optim_states_rank{R}.pt`), which resumes at the same world size only.
-Consolidation (`run_checkpoints.consolidated_state_dict`) reads the model file alone.
+Consolidation (`beitdist.engines.fairscale.checkpoints.consolidate`) reads the model file alone.
 """
 
 from __future__ import annotations
@@ -32,15 +32,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from beitdist import run_checkpoints as ckpts
 from beitdist.engines.base import TrainEngine
-from beitdist.optim import build_adamw
+from beitdist.engines.fairscale.checkpoints import MODEL_FILE, OPTIM_FILE, optim_shard_file
+from beitdist.optim import OptimConfig, adamw_options, build_adamw, optimizer_groups
 
 log = logging.getLogger(__name__)
 
 
-def _optim_shard_file(rank: int) -> str:
-    return f"fairscale_optim_states_rank{rank}.pt"
+def sharded_adamw(groups: list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
+    """beitdist's AdamW over the layer-decay groups, wrapped in fairscale's OSS: each rank keeps
+    and steps its shard of the state."""
+    from fairscale.optim import OSS
+
+    # force_broadcast_object: consolidation for a checkpoint sends each rank's state as bytes
+    # and loads it on the receiver's own device; broadcast_object_list would unpickle it onto
+    # the sender's GPU index, opening a CUDA context and a copy of every shard on every GPU
+    return OSS(optimizer_groups(groups), optim=torch.optim.AdamW, force_broadcast_object=True,
+               **adamw_options(config))
 
 
 class FairscaleEngine(TrainEngine):
@@ -67,7 +75,7 @@ class FairscaleEngine(TrainEngine):
         if self.mode == "oss":
             from fairscale.nn.data_parallel import ShardedDataParallel
 
-            self.optimizer = build_adamw(groups, self.optim, sharded=True)
+            self.optimizer = sharded_adamw(groups, self.optim)
             # broadcast_buffers off: BEiT's buffers are constants, and evaluation must not need
             # collectives per forward; rank 0's parameters and buffers are broadcast once here
             self.wrapped = ShardedDataParallel(model, self.optimizer, broadcast_buffers=False,
@@ -141,30 +149,30 @@ class FairscaleEngine(TrainEngine):
         if rank == 0:
             tag_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"module": model_state, "client_state": client_state, "world_size": self.world_size,
-                        "mode": self.mode}, tag_dir / ckpts.FAIRSCALE_MODEL)
+                        "mode": self.mode}, tag_dir / MODEL_FILE)
             if self.mode == "oss":
-                torch.save(self.optimizer.state_dict(), tag_dir / ckpts.FAIRSCALE_OPTIM)
+                torch.save(self.optimizer.state_dict(), tag_dir / OPTIM_FILE)
         if self.mode == "oss":
             self.optimizer._all_states = []  # the consolidated copy is not kept in memory
         else:
             dist.barrier()  # the directory exists before every rank writes its shard
-            torch.save(self.optimizer.state_dict(), tag_dir / _optim_shard_file(rank))
+            torch.save(self.optimizer.state_dict(), tag_dir / optim_shard_file(rank))
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
         tag_dir = Path(ckpt_dir) / tag
-        saved = torch.load(tag_dir / ckpts.FAIRSCALE_MODEL, map_location="cpu", weights_only=False)
+        saved = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=False)
         if saved.get("mode", "oss") != self.mode:
             raise ValueError(f"{tag_dir} was saved with engine.fairscale_mode {saved.get('mode')}, but this run uses "
                              f"{self.mode}; resume with the same mode")
         if self.mode == "oss":
             self.module.load_state_dict(saved["module"])
             # the whole consolidated state, on the host: OSS copies the shard this rank owns to its device
-            optim_state = torch.load(tag_dir / ckpts.FAIRSCALE_OPTIM, map_location="cpu", weights_only=False)
+            optim_state = torch.load(tag_dir / OPTIM_FILE, map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(optim_state)
             return
         if saved["world_size"] != self.world_size:
             raise ValueError(f"{tag_dir} holds fsdp optimizer shards of {saved['world_size']} ranks, this run has "
                              f"{self.world_size}; resume fsdp checkpoints at the same world size")
         self.wrapped.load_state_dict(saved["module"])
-        rank_file = tag_dir / _optim_shard_file(dist.get_rank())
+        rank_file = tag_dir / optim_shard_file(dist.get_rank())
         self.optimizer.load_state_dict(torch.load(rank_file, map_location=self.device, weights_only=False))

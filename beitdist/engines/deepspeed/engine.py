@@ -1,8 +1,9 @@
 """DeepSpeed (ZeRO 0-3, offload) behind the TrainEngine interface.
 
-The config comes from `beitdist.engine.deepspeed_config`; beitdist's own AdamW (layer-decay groups)
-is the client optimizer. Checkpoints are DeepSpeed's sharded format; a resume at another world size
-goes through DeepSpeed's universal checkpoint (converted once, by rank 0).
+The config comes from `beitdist.engines.deepspeed.config`; beitdist's own AdamW (layer-decay
+groups) is the client optimizer (`beitdist.engines.deepspeed.optim`). Checkpoints are DeepSpeed's
+sharded format; a resume at another world size goes through DeepSpeed's universal checkpoint
+(converted once, by rank 0: `beitdist.engines.deepspeed.checkpoints.to_universal`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from beitdist import engine as eng
-from beitdist import run_checkpoints as ckpts
-from beitdist.deepspeed_import import import_deepspeed
 from beitdist.engines.base import TrainEngine
-from beitdist.optim import build_adamw
+from beitdist.engines.deepspeed import checkpoints, zero
+from beitdist.engines.deepspeed.config import deepspeed_config
+from beitdist.engines.deepspeed.importing import import_deepspeed
+from beitdist.engines.deepspeed.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class DeepSpeedEngine(TrainEngine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.ds_config = eng.deepspeed_config(self.config, self.optim, self.micro_batch, self.world_size)
+        self.ds_config = deepspeed_config(self.config, self.optim, self.micro_batch, self.world_size)
 
     # ------------------------------------------------------------------ set-up
     def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int) -> str:
@@ -42,22 +43,22 @@ class DeepSpeedEngine(TrainEngine):
         log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
                  tag, saved_world_size, self.world_size)
         if dist.get_rank() == 0:
-            ckpts.to_universal(ckpt_dir, tag)
+            checkpoints.to_universal(ckpt_dir, tag)
         dist.barrier()
         self.ds_config["checkpoint"] = {"load_universal": True}
         return f"{tag}_universal"
 
     @contextlib.contextmanager
     def model_construction(self) -> Iterator[None]:
-        with eng.model_construction(self.config, self.ds_config):
+        with zero.model_construction(self.config, self.ds_config):
             yield
 
     def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        eng.load_weights_into(model, state)
+        zero.load_weights_into(model, state)
 
     def build(self, model: nn.Module, groups: list[dict[str, Any]]) -> None:
         deepspeed = import_deepspeed()
-        optimizer = build_adamw(groups, self.optim, cpu_offload=self.config.resolved()["offload_optimizer"])
+        optimizer = build_optimizer(groups, self.optim, cpu_offload=self.config.resolved()["offload_optimizer"])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = self.engine.module
         if self.config.compile:

@@ -78,10 +78,6 @@ def _seed_everything(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(mixed)
 
 
-def _task(head_name: str) -> str:
-    return head_name if head_name in ("classification", "mim", "segmentation") else "classification"
-
-
 class Trainer:
     """Holds the pieces of one run on one rank; `run()` drives it."""
 
@@ -120,7 +116,7 @@ class Trainer:
             tok_cls = plugins.tokenizer_class(recipe.tokenizer.name)
             self.tokenizer = tok_cls(recipe.tokenizer.options).to(self.device).eval()
         self.train_loader, self.val_loader = build_loaders(
-            recipe.data, _task(recipe.head.name), backbone.image_size[0], backbone.patch_size,
+            recipe.data, recipe.head.name, backbone.image_size[0], backbone.patch_size,  # batches as the head declares
             rank=self.rank, world_size=self.world, seed=recipe.seed,
             tokenizer_input_size=getattr(self.tokenizer, "input_size", None),
         )

@@ -250,15 +250,13 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        from beitdist.heads.segmentation_eval import slide_inference
-
         if self.val_loader is None:
             return {}
         self.engine.eval()
         head = self.module.head
         totals: dict[str, torch.Tensor] = {}
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
-        slide = self.recipe.train.eval_mode == "slide" and head.name == "segmentation"
+        mode = self.recipe.train.eval_mode  # the head decides what it means (segmentation: sliding windows)
         with torch.no_grad():
             batches = list(self.val_loader)
             most = torch.tensor([len(batches)], device=self.device)  # collectives on the device (NCCL)
@@ -267,14 +265,7 @@ class Trainer:
                 batch = self._prepare(batches[min(i, len(batches) - 1)]) if batches else None
                 if batch is None:
                     raise RuntimeError(f"rank {self.rank} has no validation batches")
-                if slide:
-                    size = self.module.config.image_size[0]
-                    logits = slide_inference(lambda x: self._forward({"pixel_values": x}).logits,
-                                             batch["pixel_values"], crop=size, stride=size * 2 // 3,
-                                             num_classes=head.opts.num_classes)
-                    out = ModelOutput(logits=logits, last_hidden_state=None)
-                else:
-                    out = self._forward(batch)
+                out = head.evaluate_batch(self.engine.forward, batch, mode)
                 if i >= len(batches):
                     continue  # keeps ZeRO-3's collective gathers in step with the other ranks
                 loss_sum += float(self.module.loss(out, batch))

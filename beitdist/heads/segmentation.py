@@ -11,7 +11,7 @@ upsample them to the label size (bilinear, align_corners=False).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.data.needs import DataNeeds
-from beitdist.heads import segmentation_formats as formats
+from beitdist.heads import segmentation_formats as seg_formats
 from beitdist.heads.base import Forward, Head, HeadOutput
 from beitdist.heads.segmentation_eval import intersect_and_union, metrics_from_areas, resize_logits, slide_inference
 from beitdist.hookspecs import hookimpl
@@ -239,9 +239,9 @@ class SegmentationHead(Head):
     pooling = ("none",)
     data_needs = DataNeeds(labels="map")
     hf_architecture = "BeitForSemanticSegmentation"
-    hf_keys = formats.HF_KEYS
+    hf_keys = seg_formats.HF_KEYS
     hf_pooler = False
-    unilm_keys = formats.UNILM_KEYS
+    unilm_keys = seg_formats.UNILM_KEYS
 
     def __init__(self, backbone: BackboneConfig, options: SegmentationOptions | None = None) -> None:
         super().__init__(backbone, options)
@@ -322,14 +322,14 @@ class SegmentationHead(Head):
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        return formats.options_from_shapes(state_dict)
+        return seg_formats.options_from_shapes(state_dict)
 
     @classmethod
     def options_from_hf(cls, hf_config: Mapping[str, Any], backbone: BackboneConfig) -> dict[str, Any]:
-        return formats.options_from_hf(hf_config, backbone.depth)
+        return seg_formats.options_from_hf(hf_config, backbone.depth)
 
     def hf_config(self) -> dict[str, Any]:
-        return formats.hf_config(self.options(), self.backbone_config.embed_dim, self.backbone_config.depth)
+        return seg_formats.hf_config(self.options(), self.backbone_config.embed_dim, self.backbone_config.depth)
 
 
 @hookimpl

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from beitdist.heads.base import contract_problems
 from tests import masked_pixels_plugin
 from tests.distributed import TINY_RECIPE, merge
 
+ROOT = Path(__file__).resolve().parents[1]
 DIGITS = {"dataset": "digits", "options": {"train_fraction": 0.1}, "batch_size": 8}
 TINY = beitdist.BackboneConfig(embed_dim=32, depth=2, num_heads=4, image_size=32, patch_size=8)
 
@@ -216,39 +220,72 @@ def test_export_writes_the_heads_config_entries(tmp_path):
 
 
 # ------------------------------------------------------------------ training
+TRAIN_IN_A_FRESH_PROCESS = """
+import json, sys
+
+import beitdist
+from beitdist import engine as eng
+from beitdist import plugins, train
+from beitdist.recipe import parse_recipe
+from tests import masked_pixels_plugin
+
+plugins.register(masked_pixels_plugin, name="masked_pixels")  # as a test registers a plugin module
+seen = {}
+
+
+class Spy:
+    @beitdist.hookimpl
+    def beitdist_on_train_end(self, context, step, metrics, final_dir):
+        seen["keys"] = sorted(context.extras["sample_batch"])
+
+
+plugins.register(Spy(), name="spy")
+result = train.run(parse_recipe(json.loads(sys.argv[1])), eng.DistInfo())
+print("RESULT " + json.dumps({"keys": seen["keys"], "step": result.step, "losses": result.losses,
+                              "metrics": result.metrics, "final_dir": str(result.final_dir)}))
+"""
+
+
+def _train_in_a_fresh_process(recipe: dict, tmp_path: Path) -> dict:
+    """`beitdist.train.run` on one rank (DeepSpeed ZeRO-0) in a fresh Python process that registers
+    tests/masked_pixels_plugin.py first: DeepSpeed keeps its process groups in module globals, so a
+    second run in the same process (this test session) would find stale ones."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS, json.dumps(recipe)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"training failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
 @pytest.mark.slow
 def test_third_party_mask_head_trains_through_train_run(masked_pixels, tmp_path):
-    """A few steps of `beitdist.train.run` in this process (one rank, DeepSpeed ZeRO-0): the batches
-    carry the mask and no tokenizer view, the loss is finite, the head's metric is reported."""
-    import torch.distributed as dist
-
-    from beitdist import engine as eng
-    from beitdist import train
-    from beitdist.recipe import parse_recipe
-
-    seen = {}
-
-    class Spy:
-        @beitdist.hookimpl
-        def beitdist_on_train_end(self, context, step, metrics, final_dir):
-            seen["keys"] = set(context.extras["sample_batch"])
-
+    """A few steps: the batches carry the mask and no tokenizer view, the loss is finite, the
+    head's metric is reported and the final weights load with their head."""
     recipe = merge(TINY_RECIPE, {"name": "masked", "output_dir": str(tmp_path / "runs"),
                                  "data": {"options": {"train_fraction": 0.2}, "num_masking_patches": 4},
                                  "train": {"steps": 4}})
     recipe["head"] = {"name": "masked_pixels"}
-    spy = plugins.register(Spy(), name="spy")
-    environ = dict(os.environ)  # init_distributed exports RANK, MASTER_PORT, ... for the process group
-    try:
-        result = train.run(parse_recipe(recipe), eng.DistInfo())
-    finally:
-        plugins.unregister(spy)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environ)
-    assert seen["keys"] == {"pixel_values", "bool_masked_pos"}
-    assert result.step == 4 and len(result.losses) == 4 and all(math.isfinite(x) for x in result.losses)
-    assert math.isfinite(result.metrics["val_masked_l1"]) and math.isfinite(result.metrics["val_loss"])
-    loaded = beitdist.load_model(result.final_dir, head="auto")
-    assert loaded.head_name == "masked_pixels"
+    result = _train_in_a_fresh_process(recipe, tmp_path)
+    assert result["keys"] == ["bool_masked_pos", "pixel_values"]
+    assert result["step"] == 4 and len(result["losses"]) == 4 and all(map(math.isfinite, result["losses"]))
+    assert math.isfinite(result["metrics"]["val_masked_l1"]) and math.isfinite(result["metrics"]["val_loss"])
+    assert beitdist.load_model(result["final_dir"], head="auto").head_name == "masked_pixels"
+
+
+@pytest.mark.slow
+def test_segmentation_slide_evaluation_through_train_run(tmp_path):
+    """train.eval_mode 'slide' reaches the segmentation head's evaluate_batch through the engine."""
+    from tests.test_data_datasets import make_ade
+
+    make_ade(tmp_path / "ade", n=4)
+    make_ade(tmp_path / "ade", n=2, split="validation")
+    recipe = merge(TINY_RECIPE, {"name": "seg_slide", "output_dir": str(tmp_path / "runs"),
+                                 "data": {"dataset": "ade20k", "options": {"root": str(tmp_path / "ade")},
+                                          "batch_size": 2, "val_batch_size": 2},
+                                 "train": {"steps": 2, "eval_mode": "slide"}})
+    recipe["head"] = {"name": "segmentation", "options": {"block_indices": [0, 1, 1, 1], "auxiliary_channels": 8}}
+    result = _train_in_a_fresh_process(recipe, tmp_path)
+    assert result["keys"] == ["labels", "pixel_values"]
+    assert result["step"] == 2 and math.isfinite(result["metrics"]["val_loss"]) and "val_mIoU" in result["metrics"]

@@ -23,22 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from beitdist.backbone.config import BackboneConfig, ConfigError
-from beitdist.backbone.convert import (
-    HF_ARCHITECTURES,
-    CheckpointError,
-    StateDict,
-    backbone_to_hf_config,
-    detect_layout,
-    hf_config_to_backbone,
-    hf_segmentation_options,
-    hf_to_native,
-    infer_backbone_config,
-    infer_head,
-    native_to_hf,
-    unilm_to_native,
-    unwrap,
-)
+from beitdist.backbone.convert import CheckpointError, StateDict, native_to_hf, unwrap
 from beitdist.backbone.resample import resample_pos_embed, resample_rel_pos_table
+from beitdist.formats import hf_head_key, read_foreign, transformers_config
 from beitdist.model import BeitForTask, build_model
 from beitdist.output_paths import check_output_dir, write_output_dir
 
@@ -80,21 +67,23 @@ def _read_tensors(path: Path, trust_pickle: bool) -> Any:
     return _torch_load(path, trust_pickle)
 
 
-def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedCheckpoint:
-    """Any supported checkpoint -> beitdist keys plus the config it implies."""
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, prefer_head: str | None = None
+                    ) -> LoadedCheckpoint:
+    """Any supported checkpoint -> beitdist keys plus the config it implies. `prefer_head` (the
+    head about to be built) decides when a foreign checkpoint's head keys fit several heads."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     try:
         if path.is_dir():
-            return _read_directory(path, trust_pickle)
+            return _read_directory(path, trust_pickle, prefer_head)
         raw = unwrap(_read_tensors(path, trust_pickle), str(path))
     except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
-    return _from_foreign(raw, None, str(path))
+    return _from_foreign(raw, None, str(path), prefer_head)
 
 
-def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
+def _read_directory(path: Path, trust_pickle: bool, prefer_head: str | None = None) -> LoadedCheckpoint:
     if (path / NATIVE_CONFIG).exists():
         meta = json.loads((path / NATIVE_CONFIG).read_text())
         state = _read_tensors(path / NATIVE_WEIGHTS, trust_pickle=False)
@@ -107,7 +96,8 @@ def _read_directory(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
         hf = json.loads((path / "config.json").read_text())
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
-                return _from_foreign(unwrap(_read_tensors(path / name, trust_pickle), str(path / name)), hf, str(path))
+                raw = unwrap(_read_tensors(path / name, trust_pickle), str(path / name))
+                return _from_foreign(raw, hf, str(path), prefer_head)
         raise CheckpointError(f"{path}: config.json found but no model.safetensors or pytorch_model.bin")
     training = _training_checkpoint(path, trust_pickle)
     if training is not None:
@@ -157,33 +147,13 @@ def _training_checkpoint(path: Path, trust_pickle: bool) -> LoadedCheckpoint | N
                             str(ckpt_dir / tag), "deepspeed")
 
 
-def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str) -> LoadedCheckpoint:
-    layout = detect_layout(raw)
-    if layout == "hf":
-        state = hf_to_native(raw)
-        try:
-            config = hf_config_to_backbone(hf_config or {}, state) if hf_config is not None else None
-        except ConfigError as err:
-            raise CheckpointError(f"{where}: config.json does not describe a valid BEiT ({err})") from None
-        if config is None:
-            raise CheckpointError(f"{where}: transformers weights without their config.json")
-    elif layout == "unilm":
-        state = unilm_to_native(raw)
-        config = infer_backbone_config(state, where)
-    else:
-        raise CheckpointError(
-            f"{where}: unknown checkpoint layout (first keys: {sorted(raw)[:5]}); supported: unilm/timm "
-            "(.pth, blocks.N.*), transformers directories (config.json + weights), beitdist checkpoints"
-        )
-    head, options = infer_head(state)
-    if hf_config is not None and head == "classification":
-        options["num_classes"] = len(hf_config.get("id2label", {})) or options["num_classes"]
-    if hf_config is not None and head == "segmentation":
-        try:
-            options.update(hf_segmentation_options(hf_config, config.depth))
-        except CheckpointError as err:
-            raise CheckpointError(f"{where}: {err}") from None
-    return LoadedCheckpoint(state, config, head, options, where, layout)
+def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str,
+                  prefer_head: str | None = None) -> LoadedCheckpoint:
+    """A transformers or unilm / timm state dict in beitdist's terms (`beitdist.formats`: the head
+    is recognised by the keys the registered heads declare)."""
+    foreign = read_foreign(raw, hf_config, where, prefer_head)
+    return LoadedCheckpoint(foreign.state_dict, foreign.config, foreign.head, foreign.head_options, where,
+                            foreign.layout)
 
 
 # --------------------------------------------------------------------- adapting
@@ -272,8 +242,8 @@ def load_model(
 ) -> BeitForTask:
     """Load a unilm .pth, a transformers directory, a timm state dict or a beitdist checkpoint.
 
-    `head` picks the head to build ("classification", "mim", "segmentation", a plugin's head, None
-    for the bare backbone, or "auto" for the checkpoint's own head). The checkpoint's own head is loaded when it is the same head with the same shapes;
+    `head` picks the head to build (a registered head's name, built-in or a plugin's, None for the
+    bare backbone, or "auto" for the checkpoint's own head). The checkpoint's own head is loaded when it is the same head with the same shapes;
     otherwise the new head starts fresh (fine-tuning from pretraining), which is logged.
     `backbone_overrides` change the architecture where that is a well-defined adaptation:
     `image_size` (tables and embeddings resampled), `rel_pos_bias="per_block"` from a shared table,
@@ -282,7 +252,7 @@ def load_model(
     The model comes back in eval mode, as transformers' `from_pretrained` returns it; call
     `.train()` before training it in a loop of your own (the Trainer does).
     """
-    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle, prefer_head=head)
     if head == "auto":
         head = ckpt.head
     try:
@@ -340,10 +310,7 @@ def export_hf(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool
     check_output_dir(out_dir, "hf", overwrite=overwrite)
     config = model.config
     head = model.head_name
-    if head not in HF_ARCHITECTURES:
-        raise CheckpointError(f"head {head!r} has no transformers equivalent; exportable: classification, mim, segmentation")
-    options = model.head.options() if model.head is not None else {}
-    hf_config = backbone_to_hf_config(config, head, options)
+    hf_config = transformers_config(config, model.head)  # refuses a head without a transformers model
     state = dict(model.state_dict())
     dim = config.embed_dim
     if not config.qkv_bias:  # transformers always has query/value biases
@@ -352,9 +319,9 @@ def export_hf(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool
             state[f"backbone.blocks.{i}.attn.v_bias"] = torch.zeros(dim)
     if head is None and config.pooling == "none":  # BeitModel always builds its pooler norm
         state["backbone.fc_norm.weight"], state["backbone.fc_norm.bias"] = torch.ones(dim), torch.zeros(dim)
-    if head in ("mim", "segmentation"):  # their BeitModel has no pooler
+    if model.head is not None and not model.head.hf_pooler:  # the task model's BeitModel has no pooler
         state = {k: v for k, v in state.items() if not k.startswith("backbone.fc_norm.")}
-    hf_state = native_to_hf(state, prefix="" if head is None else "beit.")
+    hf_state = native_to_hf(state, prefix="" if head is None else "beit.", head_key=hf_head_key(model.head))
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -30,6 +30,8 @@ def beitdist_register_heads(registry: Registry) -> None:
     Called once when the plugin manager is built. Each class must subclass `beitdist.heads.Head`
     and declare `name`, `Options` (a dataclass) and `needs`, and implement `forward` and `loss`;
     a duplicate name or a missing piece raises a PluginError naming the plugin and its package.
+    What else beitdist asks a head (its batches' `data_needs`, `evaluate_batch`, `pictures`,
+    conversion KeyMaps) has defaults; see `beitdist.heads.base`.
     """
 
 

@@ -30,6 +30,7 @@ from beitdist.backbone.config import VARIANTS, BackboneConfig, variant
 from beitdist.data.pipeline import DataConfig
 from beitdist.engines.config import EngineConfig
 from beitdist.errors import InputError
+from beitdist.heads import DEFAULT_HEAD
 from beitdist.optim import OptimConfig
 from beitdist.schema import OptionsError, check, parse, to_dict
 
@@ -93,14 +94,15 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class HeadSection:
-    name: str = "classification"
+    name: str = DEFAULT_HEAD
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TokenizerSection:
     name: str | None = None
-    """Visual tokenizer for MIM targets (dalle, codebook, or a plugin); required by the mim head."""
+    """Visual tokenizer for MIM targets (dalle, codebook, or a plugin); required by a head whose
+    `data_needs` ask for a tokenizer view (mim)."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,7 +119,8 @@ class TrainSection:
     max_nonfinite_steps: int = 3
     """Stop after this many consecutive non-finite losses (steps with NaN/inf are skipped)."""
     eval_mode: str = "whole"
-    """Segmentation: 'whole' image or 'slide' (sliding window)."""
+    """'whole' images or 'slide' (sliding window), for heads whose `evaluate_batch` has one
+    (segmentation); the others evaluate whole images either way."""
     stop_at: int = 0
     """Stop after this step with a checkpoint, as a preempted job would (0: run to the end); the
     next launch of the same run resumes from it. For time-boxed jobs and resume tests."""
@@ -237,7 +240,7 @@ class Recipe:
             raise OptionsError(f"model.{err.path}", str(err).removeprefix(f"{err.path}: ")) from None
         head = _plugin("head", self.head.name, "head.name")
         self.head_options()
-        if getattr(head, "uses_mask", False):
+        if head.data_needs.tokenizer:
             check(self.tokenizer.name is not None, "tokenizer.name",
                   f"the {self.head.name} head needs a tokenizer for its targets (dalle, codebook, ...)")
         if self.tokenizer.name is not None:

@@ -399,46 +399,31 @@ class Tracker:
 
 # ------------------------------------------------------------------ pictures
 def pictures(context: Any, final_dir: str | Path | None = None) -> dict[str, Any]:
-    """PNG-ready PIL images from `context.extras["sample_batch"]` (a dict of CPU tensors):
-    the inputs, the masked patches in grey (MIM: the batch has `bool_masked_pos`) and, for a
-    segmentation model, its predictions over the inputs. Empty without a sample batch."""
+    """PNG-ready PIL images of the first `PICTURES` examples of `context.extras["sample_batch"]`
+    (a dict of CPU tensors), drawn by the run's head (`Head.pictures`: the inputs, masked patches,
+    predictions, ... as the head decides). Empty without a sample batch."""
     batch = context.extras.get("sample_batch")
     if not batch or "pixel_values" not in batch:
         return {}
-    pixels = batch["pixel_values"][:PICTURES].detach().float().cpu()
-    images = {f"input_{i}.png": _to_image(x) for i, x in enumerate(pixels)}
-    mask = batch.get("bool_masked_pos")
-    if mask is not None:
-        for i, (x, m) in enumerate(zip(pixels, mask[:PICTURES].bool().cpu())):
-            images[f"masked_{i}.png"] = _to_image(x, _grey_patches(x, m))
-    head = getattr(context.model, "head_name", None) or setting(getattr(context.recipe, "head", None), "name", None)
-    model = _picture_model(context, final_dir) if head == "segmentation" else None
-    if model is not None:
-        for i, (x, pred) in enumerate(zip(pixels, _predict(model, pixels))):
-            images[f"prediction_{i}.png"] = _overlay(_to_image(x), pred)
-    return images
+    batch = {k: v[:PICTURES] for k, v in batch.items()}
+    return _head_class(context).pictures(batch, lambda: _picture_model(context, final_dir))
 
 
-def _to_image(x: Any, grey: Any = None) -> Any:
-    """(3, H, W) normalised tensor -> RGB image, stretched per image (whatever the normalisation),
-    masked pixels grey, enlarged to ~224 px so tiny test images stay visible."""
-    from PIL import Image
+def _head_class(context: Any) -> Any:
+    """The class of the run's head: the live model's, else the recipe's by name (the base `Head`,
+    which draws the inputs, for a bare backbone)."""
+    from beitdist.heads.base import Head
 
-    lo, hi = x.amin(), x.amax()
-    rgb = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).round().byte()
-    if grey is not None:
-        rgb[:, grey] = 128
-    image = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
-    scale = max(1, 224 // max(image.size))
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    head = getattr(context.model, "head", None)
+    if isinstance(head, Head):
+        return type(head)
+    name = setting(getattr(context.recipe, "head", None), "name", None)
+    from beitdist.plugins import UnknownPluginError, head_class
 
-
-def _grey_patches(x: Any, mask: Any) -> Any:
-    """(N,) patch mask -> (H, W) pixel mask; the patch grid follows the image's aspect ratio."""
-    height, width = x.shape[-2:]
-    rows = round(math.sqrt(mask.numel() * height / width))
-    grid = mask.reshape(rows, mask.numel() // rows)
-    return grid.repeat_interleave(height // grid.shape[0], 0).repeat_interleave(width // grid.shape[1], 1)
+    try:
+        return head_class(name) if name is not None else Head
+    except UnknownPluginError:
+        return Head
 
 
 def _sharded(param: Any) -> bool:
@@ -458,31 +443,6 @@ def _picture_model(context: Any, final_dir: str | Path | None) -> Any:
 
         return load_model(final_dir, head="auto")
     return None
-
-
-def _predict(model: Any, pixels: Any) -> Any:
-    """Class per pixel at input resolution; eval mode (no dropout, BatchNorm statistics kept),
-    then the model's mode is restored: it may be the live training module."""
-    import torch
-    import torch.nn.functional as F
-
-    param, was_training = next(model.parameters()), model.training
-    try:
-        with torch.no_grad():
-            logits = model.eval()(pixels.to(param.device, param.dtype)).logits.float()
-    finally:
-        model.train(was_training)
-    return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear").argmax(1).cpu()
-
-
-def _overlay(image: Any, pred: Any) -> Any:
-    """Class colours (a fixed palette) blended half-and-half over the input."""
-    import torch
-    from PIL import Image
-
-    palette = torch.randint(0, 256, (int(pred.max()) + 1, 3), generator=torch.Generator().manual_seed(0))
-    colours = Image.fromarray(palette[pred].byte().numpy()).resize(image.size, Image.NEAREST)
-    return Image.blend(image, colours, 0.5)
 
 
 # -------------------------------------------------------------------- hooks

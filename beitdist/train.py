@@ -78,10 +78,6 @@ def _seed_everything(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(mixed)
 
 
-def _task(head_name: str) -> str:
-    return head_name if head_name in ("classification", "mim", "segmentation") else "classification"
-
-
 class Trainer:
     """Holds the pieces of one run on one rank; `run()` drives it."""
 
@@ -120,7 +116,7 @@ class Trainer:
             tok_cls = plugins.tokenizer_class(recipe.tokenizer.name)
             self.tokenizer = tok_cls(recipe.tokenizer.options).to(self.device).eval()
         self.train_loader, self.val_loader = build_loaders(
-            recipe.data, _task(recipe.head.name), backbone.image_size[0], backbone.patch_size,
+            recipe.data, recipe.head.name, backbone.image_size[0], backbone.patch_size,  # batches as the head declares
             rank=self.rank, world_size=self.world, seed=recipe.seed,
             tokenizer_input_size=getattr(self.tokenizer, "input_size", None),
         )
@@ -254,15 +250,13 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        from beitdist.heads.segmentation_eval import slide_inference
-
         if self.val_loader is None:
             return {}
         self.engine.eval()
         head = self.module.head
         totals: dict[str, torch.Tensor] = {}
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
-        slide = self.recipe.train.eval_mode == "slide" and head.name == "segmentation"
+        mode = self.recipe.train.eval_mode  # the head decides what it means (segmentation: sliding windows)
         with torch.no_grad():
             batches = list(self.val_loader)
             most = torch.tensor([len(batches)], device=self.device)  # collectives on the device (NCCL)
@@ -271,14 +265,7 @@ class Trainer:
                 batch = self._prepare(batches[min(i, len(batches) - 1)]) if batches else None
                 if batch is None:
                     raise RuntimeError(f"rank {self.rank} has no validation batches")
-                if slide:
-                    size = self.module.config.image_size[0]
-                    logits = slide_inference(lambda x: self._forward({"pixel_values": x}).logits,
-                                             batch["pixel_values"], crop=size, stride=size * 2 // 3,
-                                             num_classes=head.opts.num_classes)
-                    out = ModelOutput(logits=logits, last_hidden_state=None)
-                else:
-                    out = self._forward(batch)
+                out = head.evaluate_batch(self.engine.forward, batch, mode)
                 if i >= len(batches):
                     continue  # keeps ZeRO-3's collective gathers in step with the other ranks
                 loss_sum += float(self.module.loss(out, batch))

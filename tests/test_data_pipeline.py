@@ -9,7 +9,8 @@ import torch
 from beitdist import plugins
 from beitdist.data import datasets, tar_shards
 from beitdist.data.base import CorruptImageError
-from beitdist.data.pipeline import AugmentConfig, CorruptDataError, DataConfig, build_loaders, resolve_task
+from beitdist.data.needs import DataNeeds
+from beitdist.data.pipeline import AugmentConfig, CorruptDataError, DataConfig, build_loaders, data_needs
 from beitdist.schema import OptionsError
 from tests.test_data_datasets import make_ade, make_folder, truncate
 
@@ -67,7 +68,7 @@ def test_mim_batches_carry_masks_and_tokenizer_view():
         mask = batch["bool_masked_pos"]
         assert mask.shape == (8, 16) and mask.dtype == torch.bool
         assert (mask.sum(1) <= 6).all() and mask.sum() > 0
-    assert resolve_task("mim") == "mim"
+    assert data_needs("mim") == DataNeeds(labels=None, mask=True, tokenizer=True)
     with pytest.raises(ValueError, match="tokenizer_input_size"):
         build_loaders(cfg, "mim", 32, 8)
 
@@ -150,8 +151,8 @@ def test_config_errors_name_the_field():
         build_loaders(DIGITS, "classification", 30, 8)
     with pytest.raises(ValueError, match="no rank gets a batch"):
         build_loaders({**DIGITS, "batch_size": 100}, "classification", 32, 8, rank=1, world_size=2)
-    with pytest.raises(ValueError, match="unknown head"):
-        resolve_task("detection")
+    with pytest.raises(ValueError, match="unknown head 'detection'"):
+        build_loaders(DIGITS, "detection", 32, 8)
     cfg = DataConfig(dataset="digits", augment=AugmentConfig(rand_augment=None))
     assert cfg.val_batch_size is None and cfg.augment.mixup == 0.8 and np.isclose(cfg.mask_ratio, 75 / 196)
 

@@ -1,15 +1,18 @@
-"""Foreign checkpoint layouts <-> beitdist's own keys; pure functions over state dicts.
+"""Foreign checkpoint layouts <-> beitdist's own keys, for the backbone; pure functions over state dicts.
 
 beitdist's module keys are unilm's (and timm's) under `backbone.` plus the head's own under
 `head.`, so those layouts only need unwrapping. transformers' on-disk layout (what
 `save_pretrained` writes, in 4.x and 5.x alike) is mapped key by key, with q/k/v split from and
 joined into unilm's single `qkv` weight (BEiT has no key bias).
+
+This module knows no head: the mapping functions take a `head_key` callable for the head's keys,
+which `beitdist.formats` takes from the head the checkpoint carries (its `KeyMap`s).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -64,33 +67,31 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
 # ------------------------------------------------ unilm / timm -> beitdist
 _UNILM_PREFIXES = ("module.", "encoder.")
 _DROP_PATTERNS = (r"relative_position_index$", r"\.k_bias$")
+HeadKey = Callable[[str], "str | None"]
+"""Maps a foreign key to the beitdist key of a head's weight, or None when it is not the head's
+(the head's own `KeyMap.to_native`; `beitdist.formats` picks the head)."""
 
 
-def unilm_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """unilm / timm / mmseg keys -> `backbone.*` / `head.*`.
+def unilm_key(key: str) -> str | None:
+    """A unilm / timm / mmseg key without its wrapper prefixes (`backbone.`, `module.`,
+    `encoder.`); None for the buffers beitdist recomputes (relative position index, zero k bias)."""
+    if any(re.search(p, key) for p in _DROP_PATTERNS):
+        return None
+    key = key.removeprefix("backbone.")
+    for prefix in _UNILM_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
 
-    The head a checkpoint carries is recognised by its keys: `head` (classification), `lm_head`
-    with its `norm` (pretraining), `decode_head` / `auxiliary_head` / `fpn*` (mmseg ADE20K).
-    """
-    keys = list(state_dict)
-    mim = any(k.endswith("lm_head.weight") for k in keys)
+
+def unilm_to_native(state_dict: Mapping[str, torch.Tensor], head_key: HeadKey | None = None) -> StateDict:
+    """unilm / timm / mmseg keys -> `backbone.*`, and `head.*` for the keys `head_key` claims."""
     out: StateDict = {}
     for key, value in state_dict.items():
-        if any(re.search(p, key) for p in _DROP_PATTERNS):
+        key = unilm_key(key)
+        if key is None:
             continue
-        key = key.removeprefix("backbone.")
-        for prefix in _UNILM_PREFIXES:
-            key = key.removeprefix(prefix)
-        if key.startswith(("decode_head.", "auxiliary_head.", "fpn1.", "fpn2.", "fpn3.", "fpn4.")):
-            out["head." + re.sub(r"^(decode_head|auxiliary_head)\.conv_seg\.", r"\1.classifier.", key)] = value
-        elif key.startswith("head."):
-            out["head.classifier." + key.removeprefix("head.")] = value
-        elif key.startswith("lm_head."):
-            out["head." + key] = value
-        elif mim and key.startswith("norm."):
-            out["head." + key] = value
-        else:
-            out["backbone." + key] = value
+        native = head_key(key) if head_key is not None else None
+        out[native if native is not None else "backbone." + key] = value
     return out
 
 
@@ -114,11 +115,8 @@ _HF_TOP = {
     "layernorm": "backbone.norm",
     "pooler.layernorm": "backbone.fc_norm",
 }
-_HF_HEAD = {  # keys outside `beit.` in the task models
-    "classifier": "head.classifier",
-    "layernorm": "head.norm",
-    "lm_head": "head.lm_head",
-}
+HF_BACKBONE_PREFIX = "beit."
+"""Where transformers' task models keep their BeitModel; their other keys are the head's."""
 
 
 def _map_prefix(key: str, table: Mapping[str, str]) -> str | None:
@@ -128,17 +126,26 @@ def _map_prefix(key: str, table: Mapping[str, str]) -> str | None:
     return None
 
 
-def hf_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """transformers on-disk keys (with or without the `beit.` prefix) -> beitdist keys."""
+def hf_head_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of a transformers task model outside its `beit.` backbone (none for a BeitModel)."""
+    if not any(k.startswith(HF_BACKBONE_PREFIX) for k in state_dict):
+        return []
+    return [k for k in state_dict if not k.startswith(HF_BACKBONE_PREFIX)]
+
+
+def hf_to_native(state_dict: Mapping[str, torch.Tensor], head_key: HeadKey | None = None) -> StateDict:
+    """transformers on-disk keys (with or without the `beit.` prefix) -> beitdist keys; a task
+    model's keys outside `beit.` are its head's: `head_key` maps them, else `head.<key>`."""
     out: StateDict = {}
     qkv: dict[int, dict[str, torch.Tensor]] = {}
-    prefixed = any(k.startswith("beit.") for k in state_dict)
+    prefixed = any(k.startswith(HF_BACKBONE_PREFIX) for k in state_dict)
     for key, value in state_dict.items():
         if re.search(r"relative_position_index$", key):
             continue
-        inner = key.removeprefix("beit.") if prefixed else key
+        inner = key.removeprefix(HF_BACKBONE_PREFIX) if prefixed else key
         if prefixed and inner == key:  # head keys of the task models
-            out[_map_prefix(key, _HF_HEAD) or "head." + key] = value
+            native = head_key(key) if head_key is not None else None
+            out[native if native is not None else "head." + key] = value
             continue
         match = re.match(r"encoder\.layer\.(\d+)\.(.+)$", inner)
         if match:
@@ -169,15 +176,16 @@ def hf_to_native(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def native_to_hf(state_dict: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
-    """beitdist keys -> transformers on-disk keys; `prefix` is "beit." for the task models."""
+def native_to_hf(state_dict: Mapping[str, torch.Tensor], prefix: str, head_key: HeadKey | None = None) -> StateDict:
+    """beitdist keys -> transformers on-disk keys; `prefix` is "beit." for the task models, whose
+    head keys `head_key` maps (else `head.<key>` becomes `<key>`)."""
     block_inverse = {v: k for k, v in _HF_BLOCK.items()}
     top_inverse = {v: k for k, v in _HF_TOP.items()}
-    head_inverse = {v: k for k, v in _HF_HEAD.items()}
     out: StateDict = {}
     for key, value in state_dict.items():
         if key.startswith("head."):
-            out[_map_prefix(key, head_inverse) or key.removeprefix("head.")] = value
+            foreign = head_key(key) if head_key is not None else None
+            out[foreign if foreign is not None else key.removeprefix("head.")] = value
             continue
         match = re.match(r"backbone\.blocks\.(\d+)\.(.+)$", key)
         if match:
@@ -298,90 +306,17 @@ def infer_backbone_config(state_dict: Mapping[str, torch.Tensor], where: str) ->
     )
 
 
-def infer_head(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, dict[str, Any]]:
-    """The head a native-keyed state dict carries, with the options its shapes imply."""
-    if "head.classifier.weight" in state_dict:
-        return "classification", {"num_classes": state_dict["head.classifier.weight"].shape[0]}
-    if "head.lm_head.weight" in state_dict:
-        return "mim", {"vocab_size": state_dict["head.lm_head.weight"].shape[0]}
-    if any(k.startswith("head.decode_head.") for k in state_dict):
-        return "segmentation", _segmentation_shapes(state_dict)
-    return None, {}
+HF_BACKBONE_ARCHITECTURE = "BeitModel"
 
 
-def _segmentation_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Segmentation options the weights' shapes fix (classes, widths, auxiliary convs)."""
-    classifier = state_dict.get("head.decode_head.classifier.weight")
-    options: dict[str, Any] = {} if classifier is None else {
-        "num_classes": classifier.shape[0], "channels": classifier.shape[1]}
-    aux = state_dict.get("head.auxiliary_head.classifier.weight")
-    options["use_auxiliary_head"] = aux is not None
-    if aux is not None:
-        options["auxiliary_channels"] = aux.shape[1]
-        options["auxiliary_num_convs"] = sum(
-            bool(re.match(r"head\.auxiliary_head\.convs\.\d+\.conv\.weight$", k)) for k in state_dict)
-        options["auxiliary_concat_input"] = "head.auxiliary_head.conv_cat.conv.weight" in state_dict
-    return options
-
-
-# transformers' BeitForSemanticSegmentation feeds hidden_states[i - 1] for each out_index i, and
-# hidden_states[0] is the patch embedding: i selects block i - 2 (0-based), i = 0 the last block,
-# i = 1 the embedding. unilm's out_indices are the 0-based blocks themselves.
-def hf_out_indices_to_blocks(out_indices: list[int], depth: int) -> tuple[int, ...]:
-    blocks = []
-    for i in out_indices:
-        hidden = i - 1 if i - 1 >= 0 else i - 1 + depth + 1
-        if not 0 <= hidden <= depth:
-            raise CheckpointError(f"config.json: out_indices {out_indices} out of range for {depth} layers")
-        if hidden == 0:
-            raise CheckpointError(
-                f"config.json: out_index {i} selects the patch embedding (transformers reads hidden_states[{i - 1}]); "
-                "the segmentation head reads block outputs only")
-        blocks.append(hidden - 1)
-    return tuple(blocks)
-
-
-def blocks_to_hf_out_indices(blocks: list[int], depth: int) -> list[int]:
-    out = [0 if b % depth == depth - 1 else b % depth + 2 for b in blocks]
-    if len(set(out)) != len(out) or out != sorted(out):
-        raise CheckpointError(
-            f"block_indices {list(blocks)} cannot be expressed in transformers: its out_index i reads "
-            f"hidden_states[i - 1], so block b is out_index b + 2 and the last block only out_index 0, and "
-            f"BeitConfig wants out_indices ascending and distinct (here {out}); unilm's defaults, which end at the "
-            "last block, are such a case")
-    return out
-
-
-def hf_segmentation_options(hf: Mapping[str, Any], depth: int) -> dict[str, Any]:
-    """Segmentation options from a transformers config.json (what the shapes cannot tell)."""
-    out_indices = hf.get("out_indices") or hf.get("segmentation_indices")
-    if out_indices is None and hf.get("out_features"):
-        out_indices = [0 if f == "stem" else int(str(f).removeprefix("stage")) for f in hf["out_features"]]
-    options: dict[str, Any] = {}
-    if out_indices is not None:
-        options["block_indices"] = hf_out_indices_to_blocks(list(out_indices), depth)
-    for hf_key, key in (("pool_scales", "pool_scales"), ("auxiliary_loss_weight", "auxiliary_loss_weight"),
-                        ("semantic_loss_ignore_index", "ignore_index")):
-        if hf.get(hf_key) is not None:
-            options[key] = tuple(hf[hf_key]) if key == "pool_scales" else hf[hf_key]
-    return options
-
-
-HF_ARCHITECTURES = {
-    None: "BeitModel",
-    "classification": "BeitForImageClassification",
-    "mim": "BeitForMaskedImageModeling",
-    "segmentation": "BeitForSemanticSegmentation",
-}
-
-
-def backbone_to_hf_config(config: BackboneConfig, head: str | None, head_options: Mapping[str, Any]) -> dict:
-    """config.json for transformers' BeitConfig describing this backbone and head."""
+def backbone_to_hf_config(config: BackboneConfig, architecture: str = HF_BACKBONE_ARCHITECTURE) -> dict[str, Any]:
+    """config.json for transformers' BeitConfig describing this backbone; a head adds its own
+    entries and names its task model as `architecture` (see `beitdist.formats`)."""
     if config.image_size[0] != config.image_size[1]:
         raise CheckpointError(f"transformers' BEiT needs a square image_size, got {config.image_size}")
     hf: dict[str, Any] = {
         "model_type": "beit",
-        "architectures": [HF_ARCHITECTURES[head]],
+        "architectures": [architecture],
         "hidden_size": config.embed_dim,
         "num_hidden_layers": config.depth,
         "num_attention_heads": config.num_heads,
@@ -401,23 +336,4 @@ def backbone_to_hf_config(config: BackboneConfig, head: str | None, head_options
         "drop_path_rate": config.drop_path_rate,
         "use_mean_pooling": config.pooling != "cls",
     }
-    if head == "classification":
-        num = int(head_options["num_classes"])
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(num)}
-    elif head == "mim":
-        hf["vocab_size"] = int(head_options["vocab_size"])
-    elif head == "segmentation":
-        if head_options["channels"] != config.embed_dim:
-            raise CheckpointError(f"transformers' UperNet width is hidden_size {config.embed_dim}, "
-                                  f"the head has channels {head_options['channels']}")
-        num = int(head_options["num_classes"])
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(num)}
-        hf["out_indices"] = blocks_to_hf_out_indices(head_options["block_indices"], config.depth)
-        hf["pool_scales"] = list(head_options["pool_scales"])
-        hf["semantic_loss_ignore_index"] = head_options["ignore_index"]
-        for key in ("use_auxiliary_head", "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input",
-                    "auxiliary_loss_weight"):
-            hf[key] = head_options[key]
     return hf

@@ -1,13 +1,12 @@
 """From a recipe's `data` section to the train and validation loaders of one rank.
 
-    build_loaders(DataConfig, task, image_size, patch_size, rank=, world_size=, seed=, tokenizer_input_size=)
-        -> (train BeitLoader, val BeitLoader | None)
+    build_loaders(DataConfig, head or DataNeeds, image_size, patch_size, rank=, world_size=, seed=,
+                  tokenizer_input_size=) -> (train BeitLoader, val BeitLoader | None)
 
-Batches are dicts: "pixel_values" (B, 3, S, S) float32 and, by task,
-- classification: "labels" (B,) long, or (B, C) float soft targets when mixup/cutmix is on;
-- mim: "bool_masked_pos" (B, N) bool and "tokenizer_pixels" (B, 3, T, T) in [0, 1]; the training
-  loop fills "labels" from the tokenizer;
-- segmentation: "labels" (B, S, S) long, 255 = ignore.
+Batches are dicts: "pixel_values" (B, 3, S, S) float32 plus what the head declares in its
+`data_needs` (`beitdist.data.needs.DataNeeds`): class labels (mixup/cutmix soft targets when on),
+label maps, a blockwise mask, a tokenizer view. The pipeline asks the head for that declaration,
+never for its name.
 
 Reproducibility: augmentation draws from (seed, epoch, sample index), mixup from (seed, epoch, first
 index of the batch), and the order from (seed, epoch) in `ResumableDistributedSampler`, so batches do
@@ -33,14 +32,13 @@ from beitdist import background
 from beitdist.data import presets
 from beitdist.data.base import OnCorrupt, SkipCorrupt
 from beitdist.data.mixup import Mixup
+from beitdist.data.needs import DataNeeds
 from beitdist.data.sampler import ResumableDistributedSampler
 from beitdist.errors import InputError
 from beitdist.schema import check, parse
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["classification", "mim", "segmentation"]
-TASKS: tuple[str, ...] = ("classification", "mim", "segmentation")
 _MIXUP_STREAM = 0x6D6978  # keeps the batch generators apart from the per-sample ones
 
 
@@ -119,7 +117,8 @@ class DataConfig:
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mask_ratio: float = 75 / 196
-    """MIM: fraction of patches masked (unilm: 75 of 196); `num_masking_patches` overrides it."""
+    """Heads that need masks (MIM, ...): fraction of patches masked (unilm: 75 of 196);
+    `num_masking_patches` overrides it."""
     num_masking_patches: int | None = None
     min_mask_patches_per_block: int | None = None
     """None: unilm's 16 scaled to the grid."""
@@ -243,7 +242,7 @@ class BeitLoader:
             if shutdown is not None:
                 shutdown()
         if self.train and self.sampler is None and delivered == 0:  # `while True: yield from loader` would spin
-            raise ValueError(f"the streaming train data gave this rank no batch in epoch {self.epoch}: too few shards "
+            raise InputError(f"the streaming train data gave this rank no batch in epoch {self.epoch}: too few shards "
                              f"or samples for the ranks x workers x batch_size (see beitdist.data.tar_shards)")
         if self.train:
             self.set_epoch(self.epoch + 1)
@@ -262,40 +261,41 @@ class BeitLoader:
         self.epoch = int(state["epoch"])
 
 
-def resolve_task(task: str) -> str:
-    """A task name, or a head name mapped by what the head needs (mask -> mim, pyramid -> segmentation)."""
-    if task in TASKS:
-        return task
+def data_needs(head: str | DataNeeds) -> DataNeeds:
+    """`head` itself, or what the registered head of that name declares (`Head.data_needs`)."""
+    if isinstance(head, DataNeeds):
+        return head
     from beitdist.plugins import head_class
 
-    head = head_class(task)
-    if getattr(head, "uses_mask", False):
-        return "mim"
-    return "segmentation" if getattr(head, "needs", None) == "pyramid" else "classification"
+    return head_class(head).data_needs
 
 
-def _transforms(cfg: DataConfig, task: str, image_size: int, patch_size: int, seed: int,
+def _transforms(cfg: DataConfig, needs: DataNeeds, image_size: int, patch_size: int, seed: int,
                 tokenizer_input_size: int | None) -> tuple[presets.SampleTransform, presets.SampleTransform]:
     aug = cfg.augment
-    if task == "classification":
-        return presets.ClassificationTrain(image_size, aug, seed), presets.Eval(image_size, aug, task)
-    if task == "segmentation":
-        return presets.SegmentationTrain(image_size, aug, seed), presets.Eval(image_size, aug, task)
-    if tokenizer_input_size is None or tokenizer_input_size < 1:
-        raise ValueError("MIM needs tokenizer_input_size (the tokenizer's input side, e.g. 112 for DALL-E)")
-    masks = presets.masking_generator(image_size, patch_size, cfg.num_masking_patches, cfg.mask_ratio,
-                                      cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block)
-    return (presets.MimTrain(image_size, tokenizer_input_size, aug, masks, seed),
-            presets.MimEval(image_size, tokenizer_input_size, aug, masks, seed))
+    if needs.labels == "class":
+        return presets.ClassificationTrain(image_size, aug, seed), presets.Eval(image_size, aug, needs.labels)
+    if needs.labels == "map":
+        return presets.SegmentationTrain(image_size, aug, seed), presets.Eval(image_size, aug, needs.labels)
+    if needs.tokenizer and (tokenizer_input_size is None or tokenizer_input_size < 1):
+        raise InputError("the head's targets come from a visual tokenizer: build_loaders needs tokenizer_input_size "
+                         "(the tokenizer's input side, e.g. 112 for DALL-E)")
+    tokenizer_size = tokenizer_input_size if needs.tokenizer else None
+    masks = None
+    if needs.mask:
+        masks = presets.masking_generator(image_size, patch_size, cfg.num_masking_patches, cfg.mask_ratio,
+                                          cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block)
+    return (presets.MimTrain(image_size, tokenizer_size, aug, masks, seed),
+            presets.MimEval(image_size, tokenizer_size, aug, masks, seed))
 
 
-def _mixup(cfg: DataConfig, task: str, dataset: Dataset) -> Mixup | None:
+def _mixup(cfg: DataConfig, needs: DataNeeds, dataset: Dataset) -> Mixup | None:
     aug = cfg.augment
-    if task != "classification" or (aug.mixup <= 0 and aug.cutmix <= 0) or aug.mixup_prob <= 0:
+    if needs.labels != "class" or (aug.mixup <= 0 and aug.cutmix <= 0) or aug.mixup_prob <= 0:
         return None
     num_classes = getattr(dataset, "num_classes", None)
     if not isinstance(num_classes, int):
-        raise ValueError(f"mixup/cutmix needs the number of classes, but dataset {cfg.dataset!r} does not expose "
+        raise InputError(f"mixup/cutmix needs the number of classes, but dataset {cfg.dataset!r} does not expose "
                          "num_classes; set data.augment.mixup and data.augment.cutmix to 0")
     return Mixup(num_classes, aug.mixup, aug.cutmix, aug.mixup_prob, aug.mixup_switch_prob, aug.label_smoothing)
 
@@ -307,10 +307,10 @@ def _loader(dataset: Dataset, transform: presets.SampleTransform, collate: Colla
         if hasattr(dataset, "set_distributed"):
             dataset.set_distributed(rank, world_size, seed)
         elif world_size > 1:
-            raise ValueError(f"streaming dataset {cfg.dataset!r} cannot shard itself across ranks "
+            raise InputError(f"streaming dataset {cfg.dataset!r} cannot shard itself across ranks "
                              "(it has no set_distributed); see beitdist.data.base")
         if cfg.on_corrupt == "skip" and not hasattr(dataset, "on_corrupt"):
-            raise ValueError(f"streaming dataset {cfg.dataset!r} cannot skip corrupt samples (no on_corrupt attribute)")
+            raise InputError(f"streaming dataset {cfg.dataset!r} cannot skip corrupt samples (no on_corrupt attribute)")
         if hasattr(dataset, "on_corrupt"):
             dataset.on_corrupt = cfg.on_corrupt
     else:
@@ -332,37 +332,37 @@ def _pin_memory(cfg: DataConfig) -> bool:
     return uses_cuda()
 
 
-def build_loaders(data_cfg: DataConfig | Mapping[str, Any], task: str, image_size: int, patch_size: int, *,
-                  rank: int = 0, world_size: int = 1, seed: int = 0, tokenizer_input_size: int | None = None
+def build_loaders(data_cfg: DataConfig | Mapping[str, Any], head: str | DataNeeds, image_size: int, patch_size: int,
+                  *, rank: int = 0, world_size: int = 1, seed: int = 0, tokenizer_input_size: int | None = None
                   ) -> tuple[BeitLoader, BeitLoader | None]:
     """The (train, val) loaders of one rank; val is None when the dataset has no validation split.
-    `task` is "classification" | "mim" | "segmentation" or a head name; `data_cfg` may be the plain
-    recipe mapping (validated here, errors name `data.<field>`)."""
+    `head` is a registered head's name (its `data_needs` say what the batches hold) or a
+    `DataNeeds`; `data_cfg` may be the plain recipe mapping (validated here, errors name `data.<field>`)."""
     cfg = parse(DataConfig, data_cfg, "data") if isinstance(data_cfg, Mapping) else data_cfg
-    task = resolve_task(task)
+    needs = data_needs(head)
     if image_size < 1 or patch_size < 1 or image_size % patch_size:
-        raise ValueError(f"image_size {image_size} must be a positive multiple of patch_size {patch_size}")
+        raise InputError(f"image_size {image_size} must be a positive multiple of patch_size {patch_size}")
     from beitdist.plugins import dataset_class
 
     plugin = dataset_class(cfg.dataset)
     options = parse(plugin.Options, cfg.options, "data.options")
-    train_tf, val_tf = _transforms(cfg, task, image_size, patch_size, seed, tokenizer_input_size)
+    train_tf, val_tf = _transforms(cfg, needs, image_size, patch_size, seed, tokenizer_input_size)
     train_set = plugin.build(options, "train", train_tf)
     if train_set is None:
-        raise ValueError(f"dataset {cfg.dataset!r} has no train split with options {dataclasses.asdict(options)}")
+        raise InputError(f"dataset {cfg.dataset!r} has no train split with options {dataclasses.asdict(options)}")
     val_set = plugin.build(options, "val", val_tf)
     common = {"rank": rank, "world_size": world_size, "seed": seed}
-    train = _loader(train_set, train_tf, Collate(_mixup(cfg, task, train_set), seed), cfg, train=True,
+    train = _loader(train_set, train_tf, Collate(_mixup(cfg, needs, train_set), seed), cfg, train=True,
                     batch_size=cfg.batch_size, **common)
     if train.sampler is not None and len(train) == 0:  # a loop over it would never take a step
-        raise ValueError(f"the train split of {cfg.dataset!r} has {len(train_set)} samples: with {world_size} ranks "
+        raise InputError(f"the train split of {cfg.dataset!r} has {len(train_set)} samples: with {world_size} ranks "
                          f"and batch_size {cfg.batch_size} per rank (drop_last={cfg.drop_last}) no rank gets a batch")
     val = None
     if val_set is not None:
         val = _loader(val_set, val_tf, Collate(), cfg, train=False, batch_size=cfg.val_batch_size or cfg.batch_size,
                       **common)
-    logger.info("data %s (%s): %s train samples, %s val samples on rank %d of %d", cfg.dataset, task,
-                _size(train_set), _size(val_set), rank, world_size)
+    logger.info("data %s (batches of %s): %s train samples, %s val samples on rank %d of %d", cfg.dataset,
+                ", ".join(sorted(needs.batch_keys())), _size(train_set), _size(val_set), rank, world_size)
     return train, val
 
 

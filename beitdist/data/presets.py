@@ -1,5 +1,6 @@
-"""Per-sample transforms of each task: the recipes of unilm (classification fine-tuning, MIM
-pretraining) and mmseg (BEiT's ADE20K config) for training; `ImageProcessor` for evaluation.
+"""Per-sample transforms for each kind of batch a head can declare (`beitdist.data.needs`): the
+recipes of unilm (classification fine-tuning, MIM pretraining) and mmseg (BEiT's ADE20K config)
+for training; `ImageProcessor` for evaluation.
 
 Every transform is called as `transform(image, target, index)` (the DatasetPlugin contract) and
 draws all its randomness from generators derived from (seed, epoch, index), so augmentation is
@@ -54,7 +55,7 @@ class SampleTransform:
 
 def _label(target: Any) -> torch.Tensor:
     if target is None:
-        raise InputError("this task needs class labels, but the dataset gave none")
+        raise InputError("the head needs class labels (data_needs.labels \"class\"), but the dataset gave none")
     return torch.tensor(int(target), dtype=torch.long)
 
 
@@ -99,13 +100,18 @@ def masking_generator(image_size: int, patch_size: int, num_masking_patches: int
     return MaskingGenerator(grid, count, minimum, max_per_block)
 
 
+def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))
+
+
 class MimTrain(SampleTransform):
-    """unilm's DataAugmentationForBEiT: colour jitter, flip, then ONE random crop resized twice
-    (bicubic to the backbone size, lanczos to the tokenizer size); the backbone view is normalised,
-    the tokenizer view stays in [0, 1] (the tokenizer applies its own pixel mapping); plus a
+    """unilm's DataAugmentationForBEiT, for every head without labels (MIM, masked pixel
+    regression, ...): colour jitter, flip, then ONE random crop, resized bicubic to the backbone
+    size and normalised; with `tokenizer_size`, the same crop resized again (lanczos) to the
+    tokenizer size, kept in [0, 1] (the tokenizer applies its own pixel mapping); with `masks`, a
     blockwise mask `bool_masked_pos` (N,) from the sample's second generator."""
 
-    def __init__(self, image_size: int, tokenizer_size: int, aug: AugmentConfig, masks: Any, seed: int) -> None:
+    def __init__(self, image_size: int, tokenizer_size: int | None, aug: AugmentConfig, masks: Any, seed: int) -> None:
         super().__init__(seed)
         self.mean, self.std = NORMALIZATION[aug.normalization]
         self.hflip, self.masks = aug.hflip, masks
@@ -120,10 +126,14 @@ class MimTrain(SampleTransform):
             image = self.color_jitter(image, rng)
         if self.hflip > 0:
             image = random_hflip(image, rng, self.hflip)
-        main, second = self.crop(image, rng)
-        mask = self.masks(mask_rng)
-        return {"pixel_values": normalize(to_tensor(main), self.mean, self.std), "tokenizer_pixels": to_tensor(second),
-                "bool_masked_pos": torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))}
+        views = self.crop(image, rng)
+        main = views[0] if self.crop.second_size is not None else views
+        out = {"pixel_values": normalize(to_tensor(main), self.mean, self.std)}
+        if self.crop.second_size is not None:
+            out["tokenizer_pixels"] = to_tensor(views[1])
+        if self.masks is not None:
+            out["bool_masked_pos"] = _mask_tensor(self.masks(mask_rng))
+        return out
 
 
 class SegmentationTrain(SampleTransform):
@@ -167,35 +177,40 @@ def eval_processor(image_size: int, aug: AugmentConfig, resample: str | None = N
 
 
 class Eval(SampleTransform):
-    """Deterministic: `ImageProcessor` for pixels (and label maps, resized with NEAREST)."""
+    """Deterministic: `ImageProcessor` for pixels, and class labels or (`labels="map"`) label maps
+    resized with NEAREST."""
 
-    def __init__(self, image_size: int, aug: AugmentConfig, task: str) -> None:
+    def __init__(self, image_size: int, aug: AugmentConfig, labels: str) -> None:
         super().__init__(0)
-        self.processor, self.task = eval_processor(image_size, aug), task
+        self.processor, self.labels = eval_processor(image_size, aug), labels
 
     def __call__(self, image: Image.Image, target: Any, index: int) -> dict[str, torch.Tensor]:
-        if self.task == "segmentation":
+        if self.labels == "map":
             out = self.processor(image, segmentation_maps=np.asarray(target))
             return {"pixel_values": out["pixel_values"][0], "labels": out["labels"][0]}
         return {"pixel_values": self.processor(image)["pixel_values"][0], "labels": _label(target)}
 
 
 class MimEval(SampleTransform):
-    """Both views resized without randomness; masks depend on the index only (epoch fixed at 0), so
-    every evaluation scores the same masked positions."""
+    """MimTrain's views resized without randomness; masks depend on the index only (epoch fixed at
+    0), so every evaluation scores the same masked positions."""
 
-    def __init__(self, image_size: int, tokenizer_size: int, aug: AugmentConfig, masks: Any, seed: int) -> None:
+    def __init__(self, image_size: int, tokenizer_size: int | None, aug: AugmentConfig, masks: Any, seed: int) -> None:
         super().__init__(seed)
         self.main = eval_processor(image_size, aug)
-        self.second = eval_processor(tokenizer_size, aug, resample=aug.tokenizer_interpolation, normalized=False)
+        self.second = None
+        if tokenizer_size is not None:
+            self.second = eval_processor(tokenizer_size, aug, resample=aug.tokenizer_interpolation, normalized=False)
         self.masks = masks
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = 0
 
     def __call__(self, image: Image.Image, target: Any, index: int) -> dict[str, torch.Tensor]:
-        (mask_rng,) = self.rngs(index, 1)
-        mask = self.masks(mask_rng)
-        return {"pixel_values": self.main(image)["pixel_values"][0],
-                "tokenizer_pixels": self.second(image)["pixel_values"][0],
-                "bool_masked_pos": torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))}
+        out = {"pixel_values": self.main(image)["pixel_values"][0]}
+        if self.second is not None:
+            out["tokenizer_pixels"] = self.second(image)["pixel_values"][0]
+        if self.masks is not None:
+            (mask_rng,) = self.rngs(index, 1)
+            out["bool_masked_pos"] = _mask_tensor(self.masks(mask_rng))
+        return out

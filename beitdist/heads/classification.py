@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import nn
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.layers import TruncNormalLinear
 from beitdist.heads.base import Head
+from beitdist.heads.keymap import KeyMap
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
 
@@ -40,6 +41,9 @@ class ClassificationHead(Head):
     Options = ClassificationOptions
     needs = "pooled"
     pooling = ("mean", "cls")
+    hf_architecture = "BeitForImageClassification"
+    hf_keys = KeyMap((("classifier", "head.classifier"),))
+    unilm_keys = KeyMap((("head", "head.classifier"),))  # unilm's and timm's `head` Linear
 
     def __init__(self, backbone: BackboneConfig, options: ClassificationOptions | None = None) -> None:
         super().__init__(backbone, options)
@@ -71,6 +75,26 @@ class ClassificationHead(Head):
     def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         count = max(float(state["count"]), 1.0)
         return {"top1": float(state["correct_top1"]) / count, "top5": float(state["correct_top5"]) / count}
+
+    @classmethod
+    def options_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        weight = state_dict.get("head.classifier.weight")
+        return {} if weight is None else {"num_classes": weight.shape[0]}
+
+    @classmethod
+    def options_from_hf(cls, hf_config: Mapping[str, Any], backbone: BackboneConfig) -> dict[str, Any]:
+        """The class count from id2label (transformers' num_labels) when it names any."""
+        count = len(hf_config.get("id2label") or {})
+        return {"num_classes": count} if count else {}
+
+    def hf_config(self) -> dict[str, Any]:
+        return _labels(self.opts.num_classes)
+
+
+def _labels(count: int) -> dict[str, Any]:
+    """transformers' default label names for `count` classes (config.json's id2label / label2id)."""
+    return {"id2label": {str(i): f"LABEL_{i}" for i in range(count)},
+            "label2id": {f"LABEL_{i}": i for i in range(count)}}
 
 
 @hookimpl

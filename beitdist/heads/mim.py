@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,9 @@ from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
 from beitdist.backbone.layers import TruncNormalLinear
+from beitdist.data.needs import DataNeeds
 from beitdist.heads.base import Head
+from beitdist.heads.keymap import KeyMap
 from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
 
@@ -54,6 +56,13 @@ class MimHead(Head):
     needs = "tokens"
     pooling = ("none", "cls")
     uses_mask = True
+    data_needs = DataNeeds(labels=None, mask=True, tokenizer=True)
+    hf_architecture = "BeitForMaskedImageModeling"
+    hf_keys = KeyMap((("layernorm", "head.norm"), ("lm_head", "head.lm_head")))
+    hf_pooler = False
+    # unilm's pretraining model keeps its final `norm` next to `lm_head` (see above); `norm` alone
+    # is the backbone's final norm in other checkpoints, so only `lm_head` identifies this head
+    unilm_keys = KeyMap((("lm_head", "head.lm_head"), ("norm", "head.norm")), marks=("lm_head",))
 
     def __init__(self, backbone: BackboneConfig, options: MimOptions | None = None) -> None:
         super().__init__(backbone, options)
@@ -88,6 +97,14 @@ class MimHead(Head):
 
     def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return {"mim_accuracy": float(state["correct"]) / max(float(state["count"]), 1.0)}
+
+    @classmethod
+    def options_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        weight = state_dict.get("head.lm_head.weight")
+        return {} if weight is None else {"vocab_size": weight.shape[0]}
+
+    def hf_config(self) -> dict[str, Any]:
+        return {"vocab_size": self.opts.vocab_size}
 
 
 @hookimpl

@@ -11,7 +11,7 @@ upsample them to the label size (bilinear, align_corners=False).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,13 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from beitdist.backbone.config import BackboneConfig
-from beitdist.heads.base import Head, HeadOutput
-from beitdist.heads.segmentation_eval import intersect_and_union, metrics_from_areas, resize_logits
+from beitdist.data.needs import DataNeeds
+from beitdist.heads import segmentation_formats as seg_formats
+from beitdist.heads.base import Forward, Head, HeadOutput
+from beitdist.heads.segmentation_eval import intersect_and_union, metrics_from_areas, resize_logits, slide_inference
 from beitdist.hookspecs import hookimpl
+from beitdist.outputs import ModelOutput
 from beitdist.schema import check, to_dict
 
 if TYPE_CHECKING:
-    from beitdist.model import ModelOutput
+    from PIL.Image import Image
+
+    from beitdist.model import BeitForTask
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +237,11 @@ class SegmentationHead(Head):
     Options = SegmentationOptions
     needs = "pyramid"
     pooling = ("none",)
+    data_needs = DataNeeds(labels="map")
+    hf_architecture = "BeitForSemanticSegmentation"
+    hf_keys = seg_formats.HF_KEYS
+    hf_pooler = False
+    unilm_keys = seg_formats.UNILM_KEYS
 
     def __init__(self, backbone: BackboneConfig, options: SegmentationOptions | None = None) -> None:
         super().__init__(backbone, options)
@@ -286,6 +296,40 @@ class SegmentationHead(Head):
 
     def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return metrics_from_areas(state)
+
+    def evaluate_batch(self, forward: Forward, batch: Mapping[str, torch.Tensor], mode: str = "whole") -> ModelOutput:
+        """mode "slide": mmseg's sliding window over the batch's images, crops of the model's input
+        size with a stride of 2/3 of it (BEiT on ADE20K: 640 / 426); otherwise the whole images."""
+        if mode != "slide":
+            return super().evaluate_batch(forward, batch, mode)
+        size = self.backbone_config.image_size[0]
+        logits = slide_inference(lambda x: forward(x, None).logits, batch["pixel_values"], crop=size,
+                                 stride=size * 2 // 3, num_classes=self.opts.num_classes)
+        return ModelOutput(logits=logits, last_hidden_state=None)
+
+    @classmethod
+    def pictures(cls, batch: Mapping[str, torch.Tensor], model: Callable[[], BeitForTask | None]) -> dict[str, Image]:
+        """The inputs and, when there is a trained model, its predictions over them (`prediction_<i>.png`)."""
+        from beitdist.heads.pictures import dense_classes, overlay, pixels, to_image
+
+        images = super().pictures(batch, model)
+        trained = model()
+        if trained is not None:
+            inputs = pixels(batch)
+            for i, (x, classes) in enumerate(zip(inputs, dense_classes(trained, inputs))):
+                images[f"prediction_{i}.png"] = overlay(to_image(x), classes)
+        return images
+
+    @classmethod
+    def options_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return seg_formats.options_from_shapes(state_dict)
+
+    @classmethod
+    def options_from_hf(cls, hf_config: Mapping[str, Any], backbone: BackboneConfig) -> dict[str, Any]:
+        return seg_formats.options_from_hf(hf_config, backbone.depth)
+
+    def hf_config(self) -> dict[str, Any]:
+        return seg_formats.hf_config(self.options(), self.backbone_config.embed_dim, self.backbone_config.depth)
 
 
 @hookimpl

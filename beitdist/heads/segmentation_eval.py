@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from beitdist.errors import InputError
+
 AREA_KEYS = ("area_intersect", "area_union", "area_label")
 
 
@@ -35,7 +37,7 @@ def intersect_and_union(
     pred, labels = pred[valid].long(), labels[valid].long()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-        raise ValueError(f"label {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}")
+        raise InputError(f"label {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}")
 
     def area(values: torch.Tensor) -> torch.Tensor:
         return torch.bincount(values, minlength=num_classes)[:num_classes].double()
@@ -66,7 +68,7 @@ def _logits(output: Any) -> torch.Tensor:
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name}: expected a positive int or a pair, got {value!r}")
+        raise InputError(f"{name}: expected a positive int or a pair, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
@@ -112,7 +114,7 @@ def slide_inference(
                 window = F.pad(window, (0, crop_w - w, 0, crop_h - h))
             logits = _logits(model(window))
             if logits.shape[1] != num_classes:
-                raise ValueError(f"model gives {logits.shape[1]} classes, num_classes is {num_classes}")
+                raise InputError(f"model gives {logits.shape[1]} classes, num_classes is {num_classes}")
             summed[:, :, y1:y2, x1:x2] += resize_logits(logits.float(), (crop_h, crop_w))[:, :, :h, :w]
             count[:, :, y1:y2, x1:x2] += 1
     return summed / count

@@ -120,7 +120,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device_bytes = recipe.scaling.gpu_memory_gb * GIB
     backbone = recipe.model.backbone_config()
     world = args.gpus or recipe.scaling.num_workers
-    params = count_parameters(backbone, recipe.head.name, recipe.head.options)
+    params = count_parameters(backbone, recipe.head.name, recipe.head.options, recipe.model.freeze)
     activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
                                    recipe.engine.activation_checkpointing)
     plans = all_plans(params, world, recipe.engine.precision, activations, largest_layer=params.largest_layer)

@@ -71,7 +71,8 @@ class LaunchPlan:
         device = "GPU" if self.use_gpu else "CPU"
         lines = [
             f"run            {recipe.name} -> {recipe.run_dir}",
-            f"model          {recipe.model.variant} backbone, head {recipe.head.name}, {self.params / 1e6:.1f}M parameters",
+            f"model          {recipe.model.variant} backbone, head {recipe.head.name}, {self.params / 1e6:.1f}M parameters"
+            + _trainable_note(self.params),
             f"workers        {self.world_size} x {device} (placement {recipe.scaling.placement_strategy})",
             f"batch          {self.per_rank_batch} per rank x {self.grad_accum} accumulation x "
             f"{self.world_size} ranks = {self.global_batch} global",
@@ -84,6 +85,11 @@ class LaunchPlan:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"fit            {verdict} in {self.device_gib:g} GiB per GPU (scaling.gpu_memory_gb)")
         return "\n".join(lines)
+
+
+def _trainable_note(params: int) -> str:
+    trainable = getattr(params, "trainable", params)
+    return "" if trainable == params else f" ({trainable / 1e6:.2f}M trainable, the rest frozen by model.freeze)"
 
 
 def _engine_name(recipe: Recipe, zero_stage: int) -> str:
@@ -111,7 +117,7 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
     recipe = recipe.at_world_size(world)
     engine = recipe.engine.resolved()
     backbone = recipe.model.backbone_config()
-    params = count_parameters(backbone, recipe.head.name, recipe.head.options)
+    params = count_parameters(backbone, recipe.head.name, recipe.head.options, recipe.model.freeze)
     activations = activation_bytes(backbone, recipe.data.batch_size, recipe.engine.precision,
                                    recipe.engine.activation_checkpointing)
     memory = plan(params, world, engine["zero_stage"], recipe.engine.precision, engine["offload_optimizer"],

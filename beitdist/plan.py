@@ -31,6 +31,7 @@ activations, and a factor for allocator fragmentation and workspace.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +57,14 @@ class ParameterCount(int):
     layer right."""
 
     largest_layer: int
+    trainable: int
+    """Parameters the optimizer holds (all but `model.freeze`): only these have gradients and
+    optimizer states."""
 
-    def __new__(cls, total: int, largest_layer: int = 0) -> ParameterCount:
+    def __new__(cls, total: int, largest_layer: int = 0, trainable: int | None = None) -> ParameterCount:
         count = super().__new__(cls, total)
         count.largest_layer = int(largest_layer)
+        count.trainable = int(total if trainable is None else trainable)
         return count
 
 
@@ -118,16 +123,21 @@ class MemoryPlan:
                 f"(host {self.cpu / GIB:.2f} GiB)")
 
 
-def count_parameters(config: BackboneConfig, head: str | None, head_options: object = None) -> ParameterCount:
+def count_parameters(config: BackboneConfig, head: str | None, head_options: object = None,
+                     freeze: Sequence[str] = ()) -> ParameterCount:
     """Exact parameter count of the model the recipe builds (on the meta device: no memory), with
-    its largest layer counted the way DeepSpeed's `model_to_params` does."""
+    its largest layer counted the way DeepSpeed's `model_to_params` does, and how many of them
+    train once the `freeze` patterns (`model.freeze`) are applied."""
+    from beitdist.freeze import frozen_names
     from beitdist.model import build_model
 
     with torch.device("meta"):
         model = build_model(config, head, head_options)
-    total = sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    frozen = sum(params[name].numel() for name in frozen_names(list(params), freeze)) if freeze else 0
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParameterCount(total, largest)
+    return ParameterCount(total, largest, total - frozen)
 
 
 def activation_bytes(config: BackboneConfig, batch: int, precision: str, checkpointing: bool) -> float:
@@ -190,9 +200,10 @@ def plan(params: int, world: int, stage: int, precision: str, offload_optimizer:
     if largest_layer is None:
         largest_layer = getattr(params, "largest_layer", 0)
     b = state_bytes(precision, stage, offload_optimizer)
+    trainable = getattr(params, "trainable", params)  # frozen parameters: weights only
     weights = params * b.weights / (world if stage >= 3 else 1)
-    grads = params * b.gradients / (world if stage >= 2 else 1)
-    optim = params * b.optimizer / (world if stage >= 1 else 1)
+    grads = trainable * b.gradients / (world if stage >= 2 else 1)
+    optim = trainable * b.optimizer / (world if stage >= 1 else 1)
     gathered = 2.0 * b.weights * largest_layer if stage == 3 else 0.0
     cpu = 0.0
     if offload_optimizer:

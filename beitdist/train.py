@@ -36,6 +36,7 @@ from beitdist.distributed import DistInfo, apply_matmul_precision, device_for
 from beitdist.engines import check_engine_available, create_engine, init_distributed
 from beitdist.errors import RunFailedError
 from beitdist.events import TrainContext
+from beitdist.freeze import freeze
 from beitdist.model import BeitForTask, ModelOutput, build_model
 from beitdist.optim import Schedule, apply_schedule, param_groups
 from beitdist.recipe import Recipe
@@ -126,6 +127,9 @@ class Trainer:
             model = build_model(backbone, recipe.head.name, recipe.head.options)
         if recipe.model.init and self.resume_tag is None:
             self._init_weights(model)
+        frozen = freeze(model, recipe.model.freeze)  # before the optimizer: no state, no weight decay for them
+        if frozen:
+            log.info("model.freeze: %d parameter tensors frozen (%s, ...)", len(frozen), frozen[0])
         self.engine.build(model, param_groups(model, recipe.optim))  # one group builder for every engine
         self.optimizer = self.engine.optimizer
         self.module: BeitForTask = self.engine.module
@@ -439,12 +443,13 @@ class Trainer:
         if self.rank == 0 and checkpoint is not None:
             final_dir = self.consolidate(checkpoint.name)
         result = TrainResult(self.step, metrics, self.losses, final_dir, checkpoint)
+        skipped = int(_all_reduced(torch.tensor([self.train_loader.corrupt_skipped]), self.device).item())
         if self.rank == 0:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
                        "eval_history": self.eval_history, "final_dir": str(final_dir) if final_dir else None,
                        "world_size": self.world,
                        "images_per_step": self.recipe.data.batch_size * self.recipe.engine.grad_accum * self.world,
-                       "timing": self.timing}
+                       "timing": self.timing, "corrupt_skipped": skipped}
             ckpts.write_atomic(self.run_dir / RESULT_FILE, json.dumps(summary, indent=1))
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)

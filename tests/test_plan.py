@@ -413,3 +413,21 @@ def test_launch_refuses_a_plan_that_does_not_fit_gpu_memory_gb(capsys, tmp_path)
     captured = capsys.readouterr()
     assert code == 2 and "does NOT fit" in captured.out
     assert captured.err.strip().splitlines()[0].startswith("beitdist launch: error: scaling.gpu_memory_gb: the plan")
+
+
+def test_frozen_parameters_have_weights_but_no_gradients_or_optimizer_states() -> None:
+    from beitdist.recipe import load_recipe
+
+    recipe = load_recipe(LARGE_IN22K, ["model.freeze=[backbone]"])
+    backbone = recipe.model.backbone_config()
+    full = count_parameters(backbone, recipe.head.name, recipe.head.options)
+    probe = count_parameters(backbone, recipe.head.name, recipe.head.options, recipe.model.freeze)
+    assert int(probe) == int(full) and full.trainable == int(full)
+    assert 0 < probe.trainable < int(full) / 10  # the 21,841-class head only
+    frozen, trained = plan(probe, 16, 2, "bf16"), plan(full, 16, 2, "bf16")
+    assert frozen.weights == trained.weights
+    assert frozen.gradients == pytest.approx(trained.gradients * probe.trainable / int(full))
+    assert frozen.optimizer == pytest.approx(trained.optimizer * probe.trainable / int(full))
+    from beitdist.launcher import make_plan
+
+    assert "trainable, the rest frozen by model.freeze" in make_plan(recipe, use_gpu=True).describe(recipe)

@@ -237,14 +237,19 @@ def load_model(
     head: str | None = None,
     *,
     head_options: Mapping[str, Any] | None = None,
+    new_head: bool = False,
     trust_pickle: bool = False,
     **backbone_overrides: Any,
 ) -> BeitForTask:
     """Load a unilm .pth, a transformers directory, a timm state dict or a beitdist checkpoint.
 
     `head` picks the head to build (a registered head's name, built-in or a plugin's, None for the
-    bare backbone, or "auto" for the checkpoint's own head). The checkpoint's own head is loaded when it is the same head with the same shapes;
-    otherwise the new head starts fresh (fine-tuning from pretraining), which is logged.
+    bare backbone, or "auto" for the checkpoint's own head, recognised also in a plain
+    `torch.save(model.state_dict())`). Another head than the checkpoint's starts fresh
+    (fine-tuning from pretraining), which is logged. The checkpoint's own head is loaded with its
+    weights; it is replaced by a fresh one only when asked: `head_options` that change its shapes
+    (e.g. another `num_classes`) or `new_head=True`, logged at WARNING. Anything else that would
+    drop trained head weights is a CheckpointError.
     `backbone_overrides` change the architecture where that is a well-defined adaptation:
     `image_size` (tables and embeddings resampled), `rel_pos_bias="per_block"` from a shared table,
     `drop_path_rate`, `grad_checkpointing`, `pooling`, ...
@@ -269,13 +274,31 @@ def load_model(
     state = _adapt_backbone(ckpt, target, plan)
     head_keys = [k for k in state if k.startswith("head.")]
     model_head = {k: v.shape for k, v in model.state_dict().items() if k.startswith("head.")}
-    if head_keys and (not same_head or any(k in model_head and state[k].shape != model_head[k] for k in head_keys)):
+    if head_keys and not same_head:
         plan.dropped["head."] = f"the checkpoint's {ckpt.head!r} head is not loaded into a new {head!r} head"
-    if head is not None and (not same_head or "head." in plan.dropped):
+    elif same_head:
+        changed = sorted(k for k in head_keys if k in model_head and state[k].shape != model_head[k])
+        if changed or new_head:
+            _replace_trained_head(ckpt, head, changed, state, model_head, bool(head_options) or new_head)
+            plan.dropped["head."] = plan.fresh["head."] = f"the trained {head!r} head replaced by a new one, as asked"
+    if head is not None and not same_head:
         plan.fresh["head."] = f"new {head!r} head, freshly initialised"
     state = _check_against(model, state, plan, ckpt.source)
     model.load_state_dict(state, strict=False)
     return model.eval()  # as transformers' from_pretrained: no dropout, all-patch MIM logits
+
+
+def _replace_trained_head(ckpt: LoadedCheckpoint, head: str, changed: list[str], state: StateDict,
+                          model_head: Mapping[str, torch.Size], asked: bool) -> None:
+    """A checkpoint's own trained head is thrown away only on request; say so loudly."""
+    what = (f"{changed[0]} {list(state[changed[0]].shape)} -> {list(model_head[changed[0]])}" if changed
+            else "same shapes, new_head=True")
+    if not asked:
+        raise CheckpointError(
+            f"{ckpt.source}: its trained {head!r} head does not fit the requested one ({what}); pass head_options "
+            "(CLI: --head-option) for a new head of another shape, or new_head=True (--new-head)")
+    log.warning("%s: replacing the checkpoint's trained %r head with a freshly initialised one (%s)",
+                ckpt.source, head, what)
 
 
 # --------------------------------------------------------------------- writing

@@ -30,7 +30,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.rel_pos_bias is not None:
         overrides["rel_pos_bias"] = args.rel_pos_bias
     head = None if args.head == "none" else args.head
-    model = load_model(args.source, head=head, trust_pickle=args.trust_pickle, **overrides)
+    head_options = _key_values(args.head_option, "--head-option")
+    model = load_model(args.source, head=head, head_options=head_options, new_head=args.new_head,
+                       trust_pickle=args.trust_pickle, **overrides)
     writer = export_hf if args.to == "hf" else save_checkpoint
     out = writer(model, args.output, overwrite=args.overwrite)
     config = model.config
@@ -39,6 +41,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         f"{config.image_size[0]}x{config.image_size[1]} px, head {model.head_name}"
     )
     return EXIT_OK
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE strings (VALUE read as YAML: numbers, lists, booleans) -> a dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{flag} {item!r}: expected KEY=VALUE, e.g. num_classes=100")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise InputError(f"{flag} {item!r}: the value is not valid YAML") from None
+    return out
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -206,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--head", default="auto",
                          help="head to build: auto (the checkpoint's own, default), none (backbone only), "
                          "or a registered head (see `beitdist plugins`)")
+    convert.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="an option of the head to build (e.g. num_classes=100); changing the shape of the "
+                         "checkpoint's own head replaces it with a fresh one")
+    convert.add_argument("--new-head", action="store_true",
+                         help="start the head fresh even when the checkpoint holds a trained one that fits")
     convert.add_argument("--image-size", type=int, help="new resolution: position tables are resampled")
     convert.add_argument("--rel-pos-bias", choices=["shared", "per_block", "none"])
     convert.add_argument("--overwrite", action="store_true",

@@ -20,6 +20,7 @@ from beitdist.backbone.convert import (
     unilm_key,
     unilm_to_native,
 )
+from beitdist.formats.native import is_native, recognise_native
 from beitdist.formats.recognise import recognise
 
 
@@ -38,6 +39,10 @@ def read_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str
                  prefer: str | None = None) -> Foreign:
     """Map `raw` (unwrapped tensors) to beitdist keys; `hf_config` is transformers' config.json
     when it came with one. `prefer` (the head about to be built) settles ambiguous head keys."""
+    if is_native(raw):
+        config = infer_backbone_config(raw, where)
+        name, options = recognise_native(raw, config, where, prefer)
+        return Foreign(dict(raw), config, name, options, "beitdist")
     layout = detect_layout(raw)
     if layout == "hf":
         head = recognise(hf_head_keys(raw), "hf", where, prefer)

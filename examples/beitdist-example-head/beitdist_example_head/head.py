@@ -18,10 +18,9 @@ How this head maps that onto beitdist:
   head never reads (unilm probes the raw block outputs too).
 - `forward` returns logits of shape (B, K, num_classes), K = len(block_indices), `[:, k]`
   from the classifier of block `block_indices[k]`.
-- Freezing: linear probing trains this head only. beitdist has no freeze switch yet (it belongs
-  to the training engine, which builds the optimizer), and a head never touches the backbone, so
-  freeze it in your own loop for now: `model.backbone.requires_grad_(False).eval()` and give the
-  optimizer `model.head.parameters()` only.
+- Freezing: linear probing trains this head only. The recipe says so, not the head:
+  `model: {freeze: [backbone]}` keeps every backbone parameter out of the optimizer (no
+  gradient, no optimizer state, no weight decay), under every ZeRO stage.
 """
 
 from __future__ import annotations

@@ -59,3 +59,20 @@ def test_linear_probe_through_launch_keeps_the_backbone_bit_identical(tmp_path):
     assert result["metrics"]["val_top1"] > 0.25, result["metrics"]  # chance: 0.10
     fresh = beitdist.build_model(final.config, "classification", final.head.options())
     assert not torch.equal(fresh.head.classifier.weight, final.head.classifier.weight)
+
+
+def test_frozen_parameters_stay_bit_identical_under_zero3(tmp_path):
+    from tests.distributed import TINY_RECIPE, run_recipe
+
+    torch.manual_seed(0)
+    config = beitdist.BackboneConfig(embed_dim=32, depth=2, num_heads=2, image_size=16, patch_size=4)
+    beitdist.save_checkpoint(beitdist.build_model(config, "classification", {"num_classes": 10}), tmp_path / "init")
+    recipe = merge(TINY_RECIPE, {"name": "frozen3", "engine": {"zero_stage": 3},
+                                 "model": {"init": str(tmp_path / "init"), "freeze": ["backbone.blocks.*"]},
+                                 "train": {"steps": 6, "checkpoint_every": 6}})
+    run_recipe(recipe, tmp_path, nproc=1)
+    start = beitdist.load_model(tmp_path / "init", head="auto").state_dict()
+    final = beitdist.load_model(tmp_path / "runs" / "frozen3" / "final", head="auto").state_dict()
+    blocks = [k for k in start if k.startswith("backbone.blocks.")]
+    assert blocks and all(torch.equal(start[k], final[k]) for k in blocks)
+    assert not torch.equal(start["backbone.patch_embed.proj.weight"], final["backbone.patch_embed.proj.weight"])

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from beitdist.backbone.config import BackboneConfig, ConfigError
 from beitdist.backbone.convert import CheckpointError, StateDict, native_to_hf, unwrap
 from beitdist.backbone.resample import resample_pos_embed, resample_rel_pos_table
-from beitdist.formats import hf_head_key, read_foreign, transformers_config
+from beitdist.formats import LoadedCheckpoint, hf_head_key, read_foreign, transformers_config
 from beitdist.model import BeitForTask, build_model
 from beitdist.output_paths import check_output_dir, write_output_dir
 
@@ -34,18 +34,6 @@ log = logging.getLogger(__name__)
 NATIVE_CONFIG = "beitdist_config.json"
 NATIVE_WEIGHTS = "model.safetensors"
 TABLE_SUFFIX = "relative_position_bias_table"
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A checkpoint mapped to beitdist keys, with what it says (or implies) about the model."""
-
-    state_dict: StateDict
-    config: BackboneConfig
-    head: str | None
-    head_options: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
-    layout: str = ""
 
 
 # --------------------------------------------------------------------- reading
@@ -151,9 +139,7 @@ def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: st
                   prefer_head: str | None = None) -> LoadedCheckpoint:
     """A transformers or unilm / timm state dict in beitdist's terms (`beitdist.formats`: the head
     is recognised by the keys the registered heads declare)."""
-    foreign = read_foreign(raw, hf_config, where, prefer_head)
-    return LoadedCheckpoint(foreign.state_dict, foreign.config, foreign.head, foreign.head_options, where,
-                            foreign.layout)
+    return read_foreign(raw, hf_config, where, prefer_head)
 
 
 # --------------------------------------------------------------------- adapting

@@ -6,8 +6,8 @@ of the head class (`Head.hf_keys`, `unilm_keys`, `hf_architecture`, `options_fro
 heads declare, so a third-party head converts exactly like a built-in one.
 """
 
-from beitdist.formats.reading import Foreign, read_foreign
+from beitdist.formats.reading import LoadedCheckpoint, read_foreign
 from beitdist.formats.recognise import exportable_heads, recognise
 from beitdist.formats.transformers import hf_head_key, transformers_config
 
-__all__ = ["Foreign", "exportable_heads", "hf_head_key", "read_foreign", "recognise", "transformers_config"]
+__all__ = ["LoadedCheckpoint", "exportable_heads", "hf_head_key", "read_foreign", "recognise", "transformers_config"]

@@ -25,24 +25,25 @@ from beitdist.formats.recognise import recognise
 
 
 @dataclass
-class Foreign:
-    """A foreign checkpoint in beitdist's terms."""
+class LoadedCheckpoint:
+    """A checkpoint mapped to beitdist keys, with what it says (or implies) about the model."""
 
     state_dict: StateDict
     config: BackboneConfig
     head: str | None
     head_options: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
     layout: str = ""
 
 
 def read_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str,
-                 prefer: str | None = None) -> Foreign:
+                 prefer: str | None = None) -> LoadedCheckpoint:
     """Map `raw` (unwrapped tensors) to beitdist keys; `hf_config` is transformers' config.json
     when it came with one. `prefer` (the head about to be built) settles ambiguous head keys."""
     if is_native(raw):
         config = infer_backbone_config(raw, where)
         name, options = recognise_native(raw, config, where, prefer)
-        return Foreign(dict(raw), config, name, options, "beitdist")
+        return LoadedCheckpoint(dict(raw), config, name, options, where, "beitdist")
     layout = detect_layout(raw)
     if layout == "hf":
         head = recognise(hf_head_keys(raw), "hf", where, prefer)
@@ -63,11 +64,11 @@ def read_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str
             "(.pth, blocks.N.*), transformers directories (config.json + weights), beitdist checkpoints"
         )
     if head is None:
-        return Foreign(state, config, None, {}, layout)
+        return LoadedCheckpoint(state, config, None, {}, where, layout)
     options = head.options_from_state_dict(state)
     if hf_config is not None:
         try:
             options.update(head.options_from_hf(hf_config, config))
         except CheckpointError as err:
             raise CheckpointError(f"{where}: {err}") from None
-    return Foreign(state, config, head.name, options, layout)
+    return LoadedCheckpoint(state, config, head.name, options, where, layout)

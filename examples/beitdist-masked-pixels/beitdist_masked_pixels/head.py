@@ -106,7 +106,7 @@ class PixelRegressionHead(beitdist.Head):
         x = self.norm(features[:, 1:])
         if self.opts.decoder == "linear":
             return self.decoder(x)
-        b, n, d = x.shape
+        b, _, d = x.shape
         grid = x.transpose(1, 2).reshape(b, d, *self.grid)  # (B, D, rows, cols)
         return patchify(self.decoder(grid), self.patch)  # (B, 3, H, W) -> patches
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "beitdist-example-head"
+PIXELS = ROOT / "examples" / "beitdist-masked-pixels"  # the guide's worked example
 GUIDE = ROOT / "docs" / "writing-a-head-plugin.md"
 PIP_INSTALL_OFFLINE = ("install", "--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-version-check")
 TINY = beitdist.BackboneConfig(embed_dim=32, depth=4, num_heads=4, image_size=32, patch_size=8)
@@ -70,6 +71,18 @@ def example_site(tmp_path_factory):
         yield site
     finally:
         shutil.rmtree(site, ignore_errors=True)  # the "uninstall" of a --target install
+        plugins.reset()
+
+
+@pytest.fixture(scope="module")
+def pixels_site(tmp_path_factory):
+    """The directory the masked-pixels example package (the guide's) is pip-installed into."""
+    site = tmp_path_factory.mktemp("pixels") / "site"
+    try:
+        _pip_install(PIXELS, site)
+        yield site
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
         plugins.reset()
 
 
@@ -214,9 +227,10 @@ def test_broken_plugin_fails_with_one_line_naming_it_and_its_package(tmp_path):
 FENCE = re.compile(r"(?:<!-- excerpt: (?P<source>\S+) -->\n)?```python\n(?P<code>.*?)```", re.S)
 
 
-def test_guide_code_blocks_are_real_and_run(example_site, tmp_path):
-    """docs/writing-a-head-plugin.md: its excerpts are in the example's source, and its Python
-    blocks run in order as one script, ending with the test function it shows."""
+def test_guide_code_blocks_are_real_and_run(pixels_site, tmp_path):
+    """docs/writing-a-head-plugin.md (worked example: examples/beitdist-masked-pixels): its excerpts
+    are in the example's source, and its Python blocks run in order as one script, with the package
+    installed, ending with the test function it shows."""
     script, tests = [], []
     for match in FENCE.finditer(GUIDE.read_text()):
         code, source = match["code"], match["source"]
@@ -227,5 +241,5 @@ def test_guide_code_blocks_are_real_and_run(example_site, tmp_path):
     assert len(script) >= 10 and tests
     script += ["import pytest\n"] + [f"with pytest.MonkeyPatch.context() as mp:\n    {name}(mp)\n" for name in tests]
     (tmp_path / "guide.py").write_text("\n".join(script))
-    result = _run([sys.executable, "guide.py"], env=_env(example_site), cwd=tmp_path)
+    result = _run([sys.executable, "guide.py"], env=_env(pixels_site), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

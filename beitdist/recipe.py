@@ -7,8 +7,9 @@ plain dict crosses process boundaries (Ray); every worker re-parses it.
 Loading a file (`load_recipe`) goes: read YAML -> resolve `inherit:` (a base recipe, path relative
 to the file; chains allowed, cycles refused) by deep merge (child wins, lists replaced; a section
 that names a different head / tokenizer / dataset drops the base's `options`) -> `--set`
-overrides -> `parse_recipe` (schema, plugin names, the plugins' own option schemas, consistency
-between engine, data and scaling).
+overrides -> `parse_recipe`: the schema and the consistency between engine, data and scaling (pure:
+no plugin registry, no disk), then `Recipe.check_plugins` (plugin names and the plugins' own option
+schemas). Checks against this machine (data paths, output_dir, devices) are `beitdist.preflight`'s.
 """
 
 from __future__ import annotations
@@ -238,6 +239,15 @@ class Recipe:
             self.model.backbone_config()  # surfaces backbone errors at load time
         except OptionsError as err:
             raise OptionsError(f"model.{err.path}", str(err).removeprefix(f"{err.path}: ")) from None
+        check(self.tokenizer.name is not None or not self.tokenizer.options, "tokenizer.options",
+              "given, but tokenizer.name is not set")
+        self._check_consistency()
+
+    def check_plugins(self) -> None:
+        """The plugins this recipe names are installed and accept their options (the head's,
+        tokenizer's and dataset's own schemas), and the head gets the tokenizer it needs. Kept out
+        of parsing so a Recipe can be built and inspected anywhere (a test, a driver without the
+        plugin packages); `load_recipe` and every worker run it."""
         head = _plugin("head", self.head.name, "head.name")
         self.head_options()
         if head.data_needs.tokenizer:
@@ -246,11 +256,8 @@ class Recipe:
         if self.tokenizer.name is not None:
             _plugin("tokenizer", self.tokenizer.name, "tokenizer.name")
             self.tokenizer_options()
-        else:
-            check(not self.tokenizer.options, "tokenizer.options", "given, but tokenizer.name is not set")
         _plugin("dataset", self.data.dataset, "data.dataset")
         self.dataset_options()
-        self._check_consistency()
 
     def _check_consistency(self) -> None:
         """Engine, data and scaling settings that are each valid but cannot run together."""
@@ -394,11 +401,14 @@ def _oversized_number(data: Any, path: str = "") -> str | None:
     return None
 
 
-def parse_recipe(data: Mapping[str, Any], where: str = "recipe", origins: Origins | None = None) -> Recipe:
+def parse_recipe(data: Mapping[str, Any], where: str = "recipe", origins: Origins | None = None,
+                 plugins: bool = True) -> Recipe:
     """A plain mapping (YAML document, or the dict sent to Ray workers) -> Recipe.
 
-    Raises RecipeError "<where>: <field path>: <problem>", plus "(set in <file>)" when `origins`
-    says the value came from another file or a --set override."""
+    Parsing itself is pure (the schema and the consistency rules, no registry, no disk);
+    `plugins=True` then runs `Recipe.check_plugins`, the separate step that asks the installed
+    plugins. Raises RecipeError "<where>: <field path>: <problem>", plus "(set in <file>)" when
+    `origins` says the value came from another file or a --set override."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: a recipe must be a mapping, got {type(data).__name__}")
     if INHERIT_KEY in data:
@@ -407,7 +417,10 @@ def parse_recipe(data: Mapping[str, Any], where: str = "recipe", origins: Origin
     if oversized is not None:
         raise RecipeError(f"{where}: {oversized}: number out of range")
     try:
-        return parse(Recipe, data)
+        recipe = parse(Recipe, data)
+        if plugins:
+            recipe.check_plugins()
+        return recipe
     except OptionsError as err:
         origin = _origin(origins, err.path) if err.path else None
         note = f" (set in {origin})" if origin is not None and origin != where else ""

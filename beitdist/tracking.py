@@ -73,13 +73,10 @@ Entry = tuple[int, int, Mapping[str, Any]]
 """(step, milliseconds since the epoch when it was logged, metrics) of one event."""
 
 
-def setting(tracking: Any, name: str, default: Any) -> Any:
-    """`recipe.tracking.<name>` whether tracking is a mapping or a TrackingSection-like object."""
-    if tracking is None:
-        return default
-    if isinstance(tracking, Mapping):
-        return tracking.get(name, default)
-    return getattr(tracking, name, default)
+def setting(section: Any, name: str, default: Any) -> Any:
+    """`<section>.<name>` of a recipe section (TrackingSection, HeadSection), `default` without one
+    (a callback context that carries no recipe)."""
+    return default if section is None else getattr(section, name, default)
 
 
 def resolve_uri(tracking: Any, run_dir: Path) -> tuple[str, str | None]:

@@ -5,6 +5,7 @@ MlflowClient from the sqlite store the plugin made in the run directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,34 +17,24 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from beitdist import plugins, tracking
 from beitdist.events import TrainContext
+from beitdist.recipe import Recipe, TrackingSection, parse_recipe
 
 
-@dataclass
-class FakeTracking:
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "beitdist"
-    log_images: bool = True
+def FakeTracking(**settings) -> TrackingSection:  # noqa: N802 - reads as the section it builds
+    return TrackingSection(**settings)
 
 
-class FakeRecipe:
-    def __init__(self, tracking=None, head="mim", steps=8):
-        self.tracking = FakeTracking() if tracking is None else tracking
-        self.head = {"name": head}
-        self.steps = steps
-
-    def to_dict(self):
-        tracking_dict = vars(self.tracking) if not isinstance(self.tracking, dict) else self.tracking
-        return {"name": "t", "head": {"name": self.head["name"], "options": {}},
-                "optim": {"lr": 0.001, "betas": (0.9, 0.999)}, "train": {"steps": self.steps},
-                "tracking": dict(tracking_dict), "notes": "x" * 7000}
+def FakeRecipe(tracking: TrackingSection | None = None, head: str = "mim", steps: int = 8) -> Recipe:  # noqa: N802
+    """A real Recipe (parsed without asking the plugin registry: tracking only reads it)."""
+    section = dataclasses.asdict(tracking or TrackingSection())
+    return parse_recipe({"name": "t", "head": {"name": head}, "optim": {"lr": 0.001},
+                         "train": {"steps": steps}, "tracking": section}, plugins=False)
 
 
 @pytest.fixture(autouse=True)
@@ -118,14 +109,14 @@ def _free_port():
 
 # ------------------------------------------------------------------ helpers
 def test_flatten_dotted_keys_stringified_within_mlflow_limits():
-    flat = tracking.flatten(FakeRecipe().to_dict())
+    flat = tracking.flatten({**FakeRecipe().to_dict(), "notes": "x" * 7000})
     assert flat["optim.lr"] == "0.001" and flat["optim.betas"] == "[0.9, 0.999]"
     assert flat["head.options"] == "{}" and flat["tracking.uri"] == "None"
     assert len(flat["notes"]) == 6000
 
 
 def test_settings_from_a_mapping_or_an_object(tmp_path):
-    assert tracking.setting({"uri": "http://x"}, "uri", None) == tracking.setting(FakeTracking(uri="http://x"), "uri", None)
+    assert tracking.setting(FakeTracking(uri="http://x"), "uri", None) == "http://x"
     assert tracking.setting(None, "enabled", True) is True
     uri, artifacts = tracking.resolve_uri({"uri": None}, tmp_path / "run")
     assert uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
@@ -383,15 +374,14 @@ def test_steps_with_nothing_after_them_are_sent_by_the_timer(emit, tmp_path, mon
     emit("beitdist_on_train_end", context=ctx, step=3, metrics={}, final_dir=None)
 
 
-@pytest.mark.parametrize("case", ["rank1", "disabled", "disabled_mapping"])
+@pytest.mark.parametrize("case", ["rank1", "disabled"])
 def test_rank_1_and_disabled_tracking_log_nothing(emit, tmp_path, case):
     """Rank 1 (and a run with tracking off) logs nothing, writes nothing."""
     run_dir = tmp_path / "run"
     if case == "rank1":
         ctx = _context(run_dir, rank=1)
     else:
-        off = FakeTracking(enabled=False) if case == "disabled" else {"enabled": False}
-        ctx = _context(run_dir, tracking=off)
+        ctx = _context(run_dir, tracking=FakeTracking(enabled=False))
     emit("beitdist_on_train_start", context=ctx)
     _steps(emit, ctx, [1])
     emit("beitdist_on_eval_end", context=ctx, step=1, metrics={"val_loss": 1.0})

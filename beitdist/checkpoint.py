@@ -38,7 +38,7 @@ TABLE_SUFFIX = "relative_position_bias_table"
 
 # --------------------------------------------------------------------- reading
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    from beitdist.run_checkpoints import load_checkpoint_file
+    from beitdist.run.checkpoints import load_checkpoint_file
 
     # unilm's checkpoints carry their argparse Namespace; allowing that one class is safe.
     return load_checkpoint_file(path, trust_pickle, [argparse.Namespace])
@@ -49,7 +49,7 @@ def _read_tensors(path: Path, trust_pickle: bool) -> Any:
         try:
             return load_file(str(path))
         except SafetensorError as err:
-            from beitdist.run_checkpoints import corrupt_checkpoint
+            from beitdist.run.checkpoints import corrupt_checkpoint
 
             raise corrupt_checkpoint(path, err) from None
     return _torch_load(path, trust_pickle)
@@ -96,32 +96,32 @@ def _read_directory(path: Path, trust_pickle: bool, prefer_head: str | None = No
     )
 
 
-TRAIN_STATE = "beitdist_state.json"
-
-
 def _training_checkpoint(path: Path, trust_pickle: bool) -> LoadedCheckpoint | None:
     """A run directory (its `final/`, else its newest complete checkpoint), a run's `checkpoints/`
     directory, or one DeepSpeed tag directory: ZeRO shards consolidated to fp32 weights, with the
     model described by the recipe saved beside them. Evaluating a DeepSpeed checkpoint needs no
     DeepSpeed engine and no recipe file. The engine's files are unpickled weights-only unless
     `trust_pickle` (a run directory may come from anyone)."""
-    if (path / "final" / NATIVE_CONFIG).exists():
-        return _read_directory(path / "final", trust_pickle)
-    if (path / TRAIN_STATE).exists():
+    from beitdist.run.rundir import RunDir
+
+    run = RunDir(path)
+    if (run.final / NATIVE_CONFIG).exists():
+        return _read_directory(run.final, trust_pickle)
+    if (path / RunDir.STATE_FILE).exists():
         ckpt_dir, tag = path.parent, path.name
     else:
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        from beitdist.run_checkpoints import complete_tags
+        ckpt_dir = run.checkpoints if run.checkpoints.is_dir() else path
+        from beitdist.run.checkpoints import complete_tags
 
         tags = complete_tags(ckpt_dir)
         if not tags:
             return None
         ckpt_dir, tag = ckpt_dir, tags[0]
     from beitdist.recipe import HeadSection, ModelSection
-    from beitdist.run_checkpoints import consolidated_state_dict
+    from beitdist.run.checkpoints import consolidated_state_dict
     from beitdist.schema import OptionsError, parse
 
-    state_file = ckpt_dir / tag / TRAIN_STATE
+    state_file = ckpt_dir / tag / RunDir.STATE_FILE
     saved = json.loads(state_file.read_text())["recipe"]
     try:  # only the model and head sections matter here (datasets and tokenizers need not be installed)
         model_section = parse(ModelSection, saved.get("model", {}), "model")

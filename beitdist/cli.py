@@ -68,6 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from beitdist.preflight import preflight
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
+    from beitdist.run.rundir import RunDir
     from beitdist.train import run
 
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=not args.skip_paths))
@@ -81,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if line:
                 print(line)
         sys.stdout.flush()
-        progress = ProgressBar(recipe.run_dir / "progress.json")
+        progress = ProgressBar(RunDir(recipe.run_dir).progress_file)
     with progress:
         result = run(recipe, dist)
     if result.final_dir is not None:

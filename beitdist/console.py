@@ -17,9 +17,10 @@ from beitdist.recipe import Recipe
 def resume_line(recipe: Recipe) -> str | None:
     """"resuming <name> from step N (<checkpoint>)" when the run directory has a complete
     checkpoint, else None; a newer checkpoint that had to be skipped is said too."""
-    from beitdist.run_checkpoints import resume_point
+    from beitdist.run.checkpoints import resume_point
+    from beitdist.run.rundir import RunDir
 
-    ckpt_dir = recipe.run_dir / "checkpoints"
+    ckpt_dir = RunDir(recipe.run_dir).checkpoints
     if not ckpt_dir.is_dir():
         return None
     point = resume_point(ckpt_dir)

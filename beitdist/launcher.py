@@ -24,6 +24,7 @@ import torch
 from beitdist.console import ProgressBar
 from beitdist.errors import InputError, RunFailedError
 from beitdist.recipe import Recipe, parse_recipe
+from beitdist.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -160,23 +161,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run(recipe, dist_info, reporter=report)
 
 
-WORKERS_DIR = "workers"
-
-
 def _record_worker(run_dir: Path, rank: int) -> None:
     """`<run_dir>/workers/rank_<r>.json`: which Ray node, host and process run each rank, and from
     when. Rewritten by every attempt, so after a restart it says where the ranks run now: what an
     operator needs to find a rank's logs or to kill a stuck one."""
     import ray
 
-    from beitdist.run_checkpoints import write_atomic
+    from beitdist.run.files import write_atomic
 
     context = ray.get_runtime_context()
     record = {"rank": rank, "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
               "hostname": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    folder = Path(run_dir) / WORKERS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / f"rank_{rank}.json", json.dumps(record))
+    layout = RunDir(run_dir)
+    layout.workers.mkdir(parents=True, exist_ok=True)
+    write_atomic(layout.worker_record(rank), json.dumps(record))
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -196,9 +194,9 @@ def root_cause(error: BaseException) -> BaseException:
 
 def _checkpoint_note(recipe: Recipe) -> str:
     """What a stopped run leaves to resume from, for the one line the user reads."""
-    from beitdist.run_checkpoints import complete_tags
+    from beitdist.run.checkpoints import complete_tags
 
-    checkpoints = recipe.run_dir / "checkpoints"
+    checkpoints = RunDir(recipe.run_dir).checkpoints
     tags = complete_tags(checkpoints, quiet=True)
     if not tags:
         return "no checkpoint was written"
@@ -231,7 +229,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-LAUNCH_FILE = "launch.json"
 WORKER_SETUP_HOOK = "beitdist.ray_worker_setup.quiet_ray_internals"
 """Run first by every Ray worker process of the job (by its import path: importing beitdist's
 public API would cost every Ray process seconds of torch import)."""
@@ -240,10 +237,10 @@ public API would cost every Ray process seconds of torch import)."""
 def _record_launch(run_dir: Path, record: dict[str, Any]) -> None:
     """`<run_dir>/launch.json`: when this launch started and when Ray was up (epoch seconds), so
     start-up time can be told apart from Ray's own (benchmarks/launch_overhead.py)."""
-    from beitdist.run_checkpoints import write_atomic
+    from beitdist.run.files import write_atomic
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(run_dir) / LAUNCH_FILE, json.dumps(record), durable=False)
+    write_atomic(RunDir(run_dir).launch_record, json.dumps(record), durable=False)
 
 
 def checkout_pythonpath(search_path: list[str] | None = None) -> str | None:
@@ -321,7 +318,7 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
     from ray.train import TrainingFailedError
 
     try:
-        with ProgressBar(recipe.run_dir / "progress.json"):
+        with ProgressBar(RunDir(recipe.run_dir).progress_file):
             trainer.fit()
     except TrainingFailedError as err:
         raise _run_failed(recipe, err, scaling.max_failures) from None
@@ -329,7 +326,7 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
         # Ctrl-C during fit(): Ray Train's own SIGINT handler aborts the controller (the workers
         # stop), then the blocked ray.get() turns the interrupt into SystemExit(1)
         raise KeyboardInterrupt(_checkpoint_note(recipe)) from None
-    result_file = recipe.run_dir / "train_result.json"
+    result_file = RunDir(recipe.run_dir).result_file
     if not result_file.exists():
         raise RuntimeError(f"the run finished without writing {result_file}")
     return json.loads(result_file.read_text())

@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from beitdist.errors import InputError
+from beitdist.run.rundir import RunDir
 
-RUN_DIR_MARKERS = ("checkpoints", "final", "train_result.json", "mlflow.db", "launch.json", "progress.json",
-                   "mlflow_run_id")
-"""Names only a training run directory holds: such a directory is never replaced."""
+RUN_DIR_MARKERS = RunDir.MARKERS
+"""Names only a training run directory holds: such a directory is never replaced (`RunDir.markers`)."""
 
 CHECKPOINT_FILES: dict[str, frozenset[str]] = {
     "beitdist": frozenset({"beitdist_config.json", "model.safetensors"}),
@@ -75,7 +75,7 @@ def _refusal(out: Path, kind: str, overwrite: bool, sources: Iterable[Path]) -> 
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return None
-    run_markers = [name for name in RUN_DIR_MARKERS if name in entries]
+    run_markers = RunDir.markers(out)
     if run_markers:
         return (f"{out}: is a training run directory (holds {', '.join(run_markers)}); it is never replaced, "
                 "write the output to a new directory")

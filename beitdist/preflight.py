@@ -95,13 +95,15 @@ def check_output_dir(recipe: Recipe) -> None:
 
 def _recorded_recipe(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The recipe saved with the run's newest complete checkpoint (None for a new run)."""
-    from beitdist.run_checkpoints import complete_tags
+    from beitdist.run.checkpoints import complete_tags
+    from beitdist.run.rundir import RunDir
 
-    ckpt_dir = run_dir / "checkpoints"
+    layout = RunDir(run_dir)
+    ckpt_dir = layout.checkpoints
     if not ckpt_dir.is_dir():
         return None
     for tag in complete_tags(ckpt_dir, quiet=True):
-        state_file = ckpt_dir / tag / "beitdist_state.json"
+        state_file = layout.state_file(tag)
         try:
             return json.loads(state_file.read_text())["recipe"], state_file
         except (OSError, ValueError, KeyError, TypeError):

@@ -50,11 +50,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from beitdist.background import OrderedWorker
 from beitdist.hookspecs import hookimpl
-from beitdist.run_checkpoints import write_atomic
+from beitdist.run.files import write_atomic
+from beitdist.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "mlflow_run_id"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 """Set (unless already set) before the first call, so an unreachable server costs seconds, not
 MLflow's default minutes of retries with backoff."""
@@ -84,7 +84,7 @@ def resolve_uri(tracking: Any, run_dir: Path) -> tuple[str, str | None]:
     artifacts beside the database file; a server (or another database) decides for itself."""
     uri = setting(tracking, "uri", None)
     if not uri:
-        uri = f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+        uri = f"sqlite:///{RunDir(Path(run_dir).resolve()).mlflow_db}"
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         return uri, (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return uri, None
@@ -223,11 +223,11 @@ class Tracker:
         create_sqlite_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment_id = self._experiment_id()
-        run = self._existing_run(run_dir / RUN_ID_FILE)
+        run = self._existing_run(RunDir(run_dir).mlflow_run_id_file)
         if run is None:
             run = self.client.create_run(experiment_id, run_name=self.context.run_name,
                                          tags={"beitdist.run_dir": str(run_dir.resolve())})
-            write_atomic(run_dir / RUN_ID_FILE, run.info.run_id)
+            write_atomic(RunDir(run_dir).mlflow_run_id_file, run.info.run_id)
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
@@ -375,7 +375,7 @@ class Tracker:
 
     def _finish_now(self, final_dir: str | Path | None) -> None:
         if final_dir is not None and Path(final_dir).is_dir():
-            self.guarded(lambda: self.client.log_artifacts(self.run_id, str(final_dir), "final"))
+            self.guarded(lambda: self.client.log_artifacts(self.run_id, str(final_dir), RunDir.FINAL))
         if self.enabled and setting(self.tracking, "log_images", True):
             self._log_pictures(final_dir)
         self.guarded(lambda: self.client.set_terminated(self.run_id, "FINISHED"))

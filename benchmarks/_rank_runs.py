@@ -248,7 +248,7 @@ def train(spec: dict[str, Any], out: Path, nproc: int, env: dict[str, str], inte
 def outcome(run_dir: Path) -> dict[str, Any]:
     """Losses and checkpoint of the run, from what rank 0 wrote (judged from files, not the exit
     code: torch's gloo teardown sometimes aborts after all work is done)."""
-    from beitdist.run_checkpoints import LATEST, checkpoint_problems
+    from beitdist.run.checkpoints import LATEST, checkpoint_problems
 
     result_file = run_dir / "train_result.json"
     result = json.loads(result_file.read_text()) if result_file.exists() else {}

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import beitdist
-from beitdist import run_checkpoints as ckpts
+from beitdist.run import checkpoints as ckpts
 from beitdist.engines.fairscale import checkpoints as fairscale_checkpoints
 from tests.distributed import TINY_RECIPE, merge, run_recipe
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from beitdist import engines
-from beitdist import run_checkpoints as ckpts
+from beitdist.run import checkpoints as ckpts
 from beitdist.engines.config import EngineConfig
 from beitdist.engines.fairscale import checkpoints as fairscale_checkpoints
 from beitdist.optim import OptimConfig

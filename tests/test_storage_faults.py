@@ -21,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from beitdist import run_checkpoints as ckpts
+from beitdist.run import checkpoints as ckpts
+from beitdist.run import files
 from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
 
 SHARD = "mp_rank_00_model_states.pt"
@@ -84,7 +85,7 @@ def test_unreadable_manifest_is_named(ckpt):
 
 def test_complete_tags_logs_each_broken_checkpoint_once(ckpt, caplog):
     (ckpt / "step_6" / SHARD).write_bytes(b"m" * 40)
-    with caplog.at_level("WARNING", logger="beitdist.run_checkpoints"):
+    with caplog.at_level("WARNING", logger="beitdist.run.checkpoints"):
         assert ckpts.complete_tags(ckpt) == ["step_3"]
         assert ckpts.complete_tags(ckpt, quiet=True) == ["step_3"]
     assert [r.getMessage() for r in caplog.records] == [
@@ -156,9 +157,9 @@ def test_atomic_write_that_fails_keeps_old_content_and_leaves_no_temp_file(tmp_p
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpts.os, "fsync", no_space)
+    monkeypatch.setattr(files.os, "fsync", no_space)
     with pytest.raises(OSError, match="No space left on device"):
-        ckpts.write_atomic(target, "step_6")
+        files.write_atomic(target, "step_6")
     assert target.read_text() == "step_3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
@@ -285,7 +286,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_disk_full_then_truncated_newest_checkpoint_end_to_end(tmp_path):
     from beitdist import load_model
-    from beitdist.run_checkpoints import consolidated_state_dict
+    from beitdist.run.checkpoints import consolidated_state_dict
 
     recipe = merge(TINY_RECIPE, {"name": "storage", "engine": {"zero_stage": 2},
                                  "train": {"steps": 9, "checkpoint_every": 3, "keep_checkpoints": 2,

@@ -138,8 +138,8 @@ class DataConfig:
     shuffle: bool = True
     pin_memory: bool | None = None
     """Page-locked training batches, so the copy to the GPU runs asynchronously. None: when
-    training on a GPU (`beitdist.distributed.uses_cuda`). Validation batches are never pinned: an
-    evaluation holds its whole shard, and torch keeps pinned blocks cached for the run."""
+    training on a GPU (`beitdist.distributed.uses_cuda`). Validation batches are never pinned: torch
+    keeps pinned blocks cached for the run, for batches an evaluation streams once in a while."""
 
     def __post_init__(self) -> None:
         check(bool(self.dataset), "dataset", "name a dataset plugin")

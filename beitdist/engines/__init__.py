@@ -11,7 +11,7 @@ only picks the package by name and imports it when it is needed, so importing be
 parsing a recipe) imports neither DeepSpeed nor fairscale. Both engines take their optimizer from
 the one builder in `beitdist.optim` (layer-wise lr decay groups, schedules applied by the Trainer,
 clipping by global norm), and both checkpoint into the same run directory layout (manifest +
-atomic `latest`, `beitdist.run_checkpoints`); each engine package consolidates its own
+atomic `latest`, `beitdist.run.checkpoints`); each engine package consolidates its own
 checkpoints to the same full state dict (`consolidate(tag_dir)`).
 """
 

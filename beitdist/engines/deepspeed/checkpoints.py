@@ -49,7 +49,7 @@ def safe_globals() -> list[Any]:
 
 
 def _load(path: Path, trust_pickle: bool, mmap: bool = False) -> Any:
-    from beitdist.run_checkpoints import load_checkpoint_file
+    from beitdist.run.checkpoints import load_checkpoint_file
 
     return load_checkpoint_file(path, trust_pickle, safe_globals(), mmap=mmap)
 
@@ -120,7 +120,7 @@ def consolidate(tag_dir: Path, trust_pickle: bool = False) -> dict[str, torch.Te
 def to_universal(ckpt_dir: Path, tag: str) -> str:
     """Convert a checkpoint to DeepSpeed's universal format (for a different world size); returns
     the universal tag, written into `latest_universal`. Runs once, on rank 0."""
-    from beitdist.run_checkpoints import write_atomic
+    from beitdist.run.files import write_atomic
 
     ckpt_dir = Path(ckpt_dir)
     universal = f"{tag}_universal"

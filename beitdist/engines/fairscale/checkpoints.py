@@ -32,7 +32,7 @@ def consolidate(tag_dir: Path, trust_pickle: bool = False) -> dict[str, torch.Te
     """fp32 weights of the whole model: the model file already holds them. The file is read
     with `weights_only` (it holds tensors, numbers and strings only) unless `trust_pickle`; a file
     that would unpickle anything else is refused with a CheckpointError naming it."""
-    from beitdist.run_checkpoints import load_checkpoint_file
+    from beitdist.run.checkpoints import load_checkpoint_file
 
     module = load_checkpoint_file(Path(tag_dir) / MODEL_FILE, trust_pickle)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}

@@ -1,4 +1,4 @@
-"""A run's checkpoint directory: `<run_dir>/checkpoints/step_N/`.
+"""A run's checkpoint directory: `<run_dir>/checkpoints/step_N/` (`RunDir.checkpoints`).
 
 Each engine writes its own files into step_N (DeepSpeed's sharded format, or fairscale's model
 file plus consolidated optimizer state); this module adds what neither engine has: a manifest written after every rank finished
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from beitdist.run.files import fsync_dir, fsync_file, write_atomic
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "beitdist_manifest.json"
@@ -42,57 +44,6 @@ TAG_PATTERN = re.compile(r"step_(\d+)")
 LOW_SPACE_BYTES = 1 << 20
 """A write failing without errno (torch's zip writer) with less free space than this, or than the
 previous checkpoint takes, is reported as a full disk."""
-_NO_DIR_FSYNC = (errno.EINVAL, errno.EBADF, errno.EISDIR, errno.EPERM, errno.EACCES, errno.ENOTSUP)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in `directory` durable; file systems that cannot fsync a
-    directory (some network ones) are skipped, real I/O errors are not."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in _NO_DIR_FSYNC:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    """Force a file another process wrote (DeepSpeed's shards) to disk before the manifest vouches
-    for it: after a power loss a manifest must never describe data that only lived in the page
-    cache. A full disk can also first show up here (delayed allocation, network file systems)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    """Replace `path` with `text` so that readers (and a crash) see the old content or the new,
-    never a mix; when the write fails (disk full) the temporary file is removed and the old
-    content stays as it was. `durable=False` skips the fsyncs, for files rewritten every second
-    whose loss on power failure costs nothing (progress)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
 def _step(tag: str) -> int:
     match = TAG_PATTERN.fullmatch(tag)
     return int(match.group(1)) if match else -1
@@ -116,9 +67,9 @@ def commit_checkpoint(ckpt_dir: Path, tag: str, world_size: int) -> None:
     files: dict[str, int] = {}
     for path in sorted(tag_dir.rglob("*")):
         if path.is_file() and path.name != MANIFEST and not path.name.startswith("."):
-            _fsync_file(path)
+            fsync_file(path)
             files[str(path.relative_to(tag_dir))] = path.stat().st_size
-    _fsync_dir(tag_dir)
+    fsync_dir(tag_dir)
     manifest = {"tag": tag, "files": files, "world_size": world_size}
     write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_atomic(ckpt_dir / LATEST, tag)

@@ -1,0 +1,12 @@
+"""A training run, one concern per module (light to import: nothing here imports torch at the top
+of the package, so `beitdist.run.rundir` and `beitdist.run.files` stay cheap for the CLI, the
+launcher and `output_paths`):
+
+- `files`: `write_atomic` and the fsync helpers (a file replaced whole or not at all).
+- `rundir`: `RunDir`, the one place that spells a run directory's layout.
+- `checkpoints`: the engine-independent checkpoint directory (manifest, `latest`, commit, scan,
+  resume point, prune, abandon) and the weights-only checkpoint file reader.
+- `trainer`: the training loop on one rank (`beitdist.train.run` is its entry point).
+- `evaluator`: evaluation over the validation loader, streamed, equal forwards on every rank.
+- `checkpoint_writer`: save, commit and prune checkpoints; consolidate final weights.
+"""

@@ -1,0 +1,393 @@
+"""The training loop on one rank: set-up, resume, steps, progress, the result. Evaluation is
+`beitdist.run.evaluator`, checkpoint saving and the final consolidation
+`beitdist.run.checkpoint_writer`, the run directory's layout `beitdist.run.rundir`. The entry point
+is `beitdist.train.run` (see beitdist/train.py for what the loop guarantees about randomness).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from beitdist import plugins
+from beitdist.checkpoint import CheckpointError, load_model
+from beitdist.data.pipeline import build_loaders
+from beitdist.distributed import DistInfo, apply_matmul_precision, device_for
+from beitdist.engines import check_engine_available, create_engine, init_distributed
+from beitdist.errors import RunFailedError
+from beitdist.events import TrainContext
+from beitdist.freeze import freeze
+from beitdist.model import BeitForTask, ModelOutput, build_model
+from beitdist.optim import Schedule, apply_schedule, param_groups
+from beitdist.recipe import Recipe
+from beitdist.run import checkpoints as ckpts
+from beitdist.run.checkpoint_writer import CheckpointWriter
+from beitdist.run.collectives import all_gathered, all_reduced
+from beitdist.run.evaluator import Evaluator
+from beitdist.run.files import write_atomic
+from beitdist.run.rundir import RunDir
+
+log = logging.getLogger("beitdist.train")  # the name users know the loop's log lines by
+
+Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
+class NonFiniteLossError(RunFailedError):
+    """Too many consecutive non-finite losses (every rank sees the same reduced losses); the last
+    good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+    final_dir: Path | None = None
+    checkpoint: Path | None = None
+
+
+def _seed_everything(seed: int, step: int, rank: int) -> None:
+    mixed = (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+class Trainer:
+    """Holds the pieces of one run on one rank; `run()` drives it."""
+
+    def __init__(self, recipe: Recipe, dist_info: DistInfo, reporter: Reporter | None = None) -> None:
+        self.recipe = recipe
+        self.dist_info = dist_info
+        self.reporter = reporter
+        self.run_dir = recipe.run_dir
+        self.layout = RunDir(self.run_dir)
+        self.ckpt_dir = self.layout.checkpoints
+        self.losses: list[float] = []
+        self.eval_history: list[dict[str, float]] = []  # every evaluation of the run, kept across resumes
+        # wall-clock marks (epoch seconds) and the seconds of each loop iteration of this attempt
+        # without its evaluation and checkpoint: start-up vs per-step framework overhead
+        # (benchmarks/launch_overhead.py, benchmarks/zero_scaling.py)
+        self.timing: dict[str, Any] = {"started_at": time.time(), "iteration_s": [], "data_s": []}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        recipe = self.recipe
+        check_engine_available(recipe.engine)  # before joining the group: one clear line, no hang
+        init_distributed(self.dist_info, recipe.engine.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.recipe = recipe = recipe.at_world_size(self.world)  # grad_accum for a pinned global batch
+        if self.rank == 0 and recipe.scaling.global_batch_size:
+            log.info("global batch %d = %d per rank x %d accumulation x %d ranks", recipe.global_batch,
+                     recipe.data.batch_size, recipe.engine.grad_accum, self.world)
+        self.device = device_for(self.dist_info)
+        apply_matmul_precision(recipe.engine)
+        _seed_everything(recipe.seed, 0, self.rank)
+        self.engine = create_engine(recipe.engine, recipe.optim, recipe.data.batch_size, self.world, self.device)
+        backbone = recipe.model.backbone_config()
+        if recipe.engine.activation_checkpointing and recipe.engine.backend == "deepspeed":
+            backbone = backbone.replace(grad_checkpointing=True)  # fairscale wraps blocks in checkpoint_wrapper
+        self.tokenizer = None
+        if recipe.tokenizer.name is not None:
+            tok_cls = plugins.tokenizer_class(recipe.tokenizer.name)
+            self.tokenizer = tok_cls(recipe.tokenizer.options).to(self.device).eval()
+        self.train_loader, self.val_loader = build_loaders(
+            recipe.data, recipe.head.name, backbone.image_size[0], backbone.patch_size,  # batches as the head declares
+            rank=self.rank, world_size=self.world, seed=recipe.seed,
+            tokenizer_input_size=getattr(self.tokenizer, "input_size", None),
+        )
+        self.resume_tag = self._resume_tag()
+        _seed_everything(recipe.seed, 0, rank=0)  # the same initial weights on every rank (ZeRO-3 shards them)
+        with self.engine.model_construction():
+            model = build_model(backbone, recipe.head.name, recipe.head.options)
+        if recipe.model.init and self.resume_tag is None:
+            self._init_weights(model)
+        frozen = freeze(model, recipe.model.freeze)  # before the optimizer: no state, no weight decay for them
+        if frozen:
+            log.info("model.freeze: %d parameter tensors frozen (%s, ...)", len(frozen), frozen[0])
+        self.engine.build(model, param_groups(model, recipe.optim))  # one group builder for every engine
+        self.optimizer = self.engine.optimizer
+        self.module: BeitForTask = self.engine.module
+        self.schedule = Schedule(recipe.optim, recipe.train.steps)
+        self.step, self.loader_state = 0, None
+        if self.resume_tag is not None:
+            self._load(self.resume_tag)
+        self.evaluator = Evaluator(self.engine, self.module, self.val_loader, self._prepare, self.device, self.rank,
+                                   recipe.train.eval_mode)
+        self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints)
+        self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
+                                    extras={"resumed_step": self.step})
+        self.timing.update(setup_done_at=time.time(), first_timed_step=self.step + 1)
+
+    def _resume_tag(self) -> str | None:
+        """The newest complete checkpoint, as the engine loads it (DeepSpeed converts one saved at
+        another world size to a universal checkpoint). Newer checkpoints that are broken
+        (truncated or missing files, deleted directory) are passed over with one warning that
+        names them and why. Rank 0 decides for every rank, so ranks that see a shared file system
+        at different moments cannot resume different steps."""
+        point = ckpts.resume_point(self.ckpt_dir)
+        if self.rank == 0 and point.warning() is not None:
+            log.warning("%s", point.warning())
+        choice = [point.tag]
+        dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
+        if tag is None:
+            return None
+        written_by, backend = ckpts.checkpoint_backend(self.layout.tag(tag)), self.recipe.engine.backend
+        if written_by != backend:
+            raise CheckpointError(
+                f"{self.layout.tag(tag)}: written by the {written_by} engine, but engine.backend is {backend}; resume "
+                f"with engine.backend: {written_by}, or start a new run (another name or output_dir) with "
+                f"model.init: {self.run_dir} (its consolidated weights)")
+        return self.engine.resume_tag(self.ckpt_dir, tag, ckpts.saved_world_size(self.layout.tag(tag)))
+
+    def _init_weights(self, model: BeitForTask) -> None:
+        recipe = self.recipe
+        state: dict[str, torch.Tensor] = {}
+        if self.rank == 0:
+            source = load_model(recipe.model.init, recipe.head.name, head_options=recipe.head.options,
+                                trust_pickle=recipe.model.trust_pickle, **recipe.model.backbone_config().to_dict())
+            state = source.state_dict()
+            log.info("initialised weights from %s", recipe.model.init)
+        self.engine.load_weights(model, state)
+
+    def _load(self, tag: str) -> None:
+        """Engine state (model, optimizer) from checkpoint `tag`, then the loop's own state."""
+        self.engine.load(self.ckpt_dir, tag)
+        state = json.loads(self.layout.state_file(tag).read_text())
+        self.step, self.loader_state = state["step"], state["loader"]
+        self.eval_history = list(state.get("eval_history", []))
+        log.info("resumed from %s at step %d", tag, self.step)
+
+    # ------------------------------------------------------------------- data
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches forever; the loader moves to the next epoch after each full pass and
+        counts what it delivered, so its state_dict() is exactly where a resumed run continues."""
+        if self.loader_state is not None:
+            self.train_loader.load_state_dict(self.loader_state)
+        while True:
+            yield from self.train_loader
+
+    def _prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.tokenizer is not None and "tokenizer_pixels" in batch:
+            with torch.no_grad():
+                batch["labels"] = self.tokenizer.encode(batch["tokenizer_pixels"])
+        return batch
+
+    def _forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:
+        return self.engine.forward(batch["pixel_values"], batch.get("bool_masked_pos"))
+
+    # ------------------------------------------------------------------- loop
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # on the loss's device: an NCCL group has no CPU collectives
+        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches. A micro-batch whose loss is not
+        finite on any rank is dropped (no backward, no engine step) and replaced by the next."""
+        _seed_everything(self.recipe.seed, self.step, self.rank)
+        accum = self.recipe.engine.grad_accum
+        done, bad, losses, images, start = 0, 0, [], 0, time.perf_counter()
+        grad_norm, data_s = None, 0.0
+        while done < accum:
+            fetch_start = time.perf_counter()
+            batch = self._prepare(next(batches))
+            data_s += time.perf_counter() - fetch_start
+            if self.rank == 0 and "sample_batch" not in self.context.extras:
+                self.context.extras["sample_batch"] = _sample(batch)
+            out = self._forward(batch)
+            loss = self.module.loss(out, batch)
+            if not self._all_finite(loss):
+                bad += 1
+                log.warning("step %d: non-finite loss (%s) skipped (%d in a row)", self.step, loss.item(), bad)
+                if bad >= self.recipe.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{bad} consecutive non-finite losses at step {self.step}; stopping. The last good "
+                        f"checkpoint is kept in {self.ckpt_dir} (lower optim.lr or check the data)"
+                    )
+                continue
+            self.engine.backward(loss)
+            if done == accum - 1:
+                lr = apply_schedule(self.optimizer, self.schedule, self.step)
+            norm = self.engine.step()  # the optimizer steps at the last micro-batch
+            if norm is not None:
+                grad_norm = norm
+            losses.append(loss.item())
+            images += batch["pixel_values"].shape[0]
+            done += 1
+        self.step += 1
+        loss_value = float(np.mean(losses))
+        self.losses.append(loss_value)
+        # data_s: what the step waited for its input (loading, augmentation, copy to the device, and
+        # the tokenizer for MIM): near zero when the loader keeps up, the first thing to look at when not
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                   "images_per_s": images / (time.perf_counter() - start), "data_s": data_s}
+        if self.device.type == "cuda":
+            # this rank's peak so far (allocated by tensors, not the allocator's cache): what
+            # `beitdist plan` predicts, and what decides the batch size a GPU can hold
+            metrics["device_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        return self.evaluator.evaluate()
+
+    def save(self, metrics: Mapping[str, float]) -> Path:
+        """Checkpoint step_N with the loop's state beside the engine's (`CheckpointWriter.save`)."""
+        def loop_state() -> dict[str, Any]:
+            return {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
+                    "eval_history": self.eval_history, "recipe": self.recipe.to_dict()}
+
+        return self.writer.save(self.step, loop_state, self.context)
+
+    def _finished_result(self) -> TrainResult | None:
+        """A run resumed at its last step has nothing left to do: launching it again must not
+        overwrite its result (metrics, final weights) with an empty one. Returns the saved result
+        then (None when there are steps left)."""
+        result_file = self.layout.result_file
+        if self.step < self.recipe.train.steps or not result_file.exists():
+            return None
+        if self.rank == 0:
+            log.info("run %s already finished at step %d; nothing to do (its result is kept)", self.recipe.name,
+                     self.step)
+        dist.barrier()
+        return _result_from(result_file)
+
+    def _write_progress(self, step_metrics: Mapping[str, float], eval_metrics: Mapping[str, float]) -> None:
+        """Rank 0, at most once a second: what the launcher's progress bar shows."""
+        now = time.monotonic()
+        if self.rank != 0 or now - getattr(self, "_progress_at", 0.0) < 1.0 and self.step < self.recipe.train.steps:
+            return
+        if not hasattr(self, "_started"):
+            self._started, self._start_step = now, self.step - 1
+        done = max(self.step - self._start_step, 1)
+        eta = (now - self._started) / done * (self.recipe.train.steps - self.step)
+        progress = {"step": self.step, "steps": self.recipe.train.steps, "loss": step_metrics["loss"],
+                    "images_per_s": step_metrics["images_per_s"], "eta_s": eta, **eval_metrics}
+        self._progress_at = now
+        try:  # what a progress bar shows is not worth a run: a full disk is reported by the next save
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint it may not exist yet
+            write_atomic(self.layout.progress_file, json.dumps(progress), durable=False)
+        except OSError as err:
+            log.debug("could not write %s: %s", self.layout.progress_file, err)
+
+    def run(self) -> TrainResult:
+        self.setup()
+        finished = self._finished_result()
+        if finished is not None:
+            return finished
+        plugins.emit("beitdist_on_train_start", context=self.context)
+        try:
+            return self._train()
+        except BaseException as err:
+            self._report_failure(err)
+            raise
+
+    def _record_device_peaks(self) -> None:
+        """Every rank's peak GPU memory (bytes allocated) up to here, in `timing` of
+        train_result.json: its evaluations and checkpoint saves are in it, the consolidation after
+        it is not. Ranks differ (ZeRO partitions are uneven, rank 0 holds more), so all are kept."""
+        if self.device.type != "cuda":
+            return
+        peaks = all_gathered(float(torch.cuda.max_memory_allocated(self.device)), self.device, self.world)
+        self.timing["device_peak_bytes"] = [int(p) for p in peaks]
+
+    def _report_failure(self, error: BaseException) -> None:
+        """`beitdist_on_train_failed` (callbacks write what they buffered), without letting a
+        failing callback hide the error that stopped training."""
+        try:
+            plugins.emit("beitdist_on_train_failed", context=self.context, step=self.step, error=error)
+        except Exception:
+            log.exception("a beitdist_on_train_failed callback failed; the training error follows")
+
+    def _train(self) -> TrainResult:
+        train = self.recipe.train
+        batches = self._batches()
+        metrics: dict[str, float] = {}
+        checkpoint = None
+        if self.step >= train.steps and self.resume_tag is not None:
+            # resumed from the last step's checkpoint of a run that stopped before writing its
+            # result: evaluate and consolidate that checkpoint instead of training
+            checkpoint = self.layout.tag(self.resume_tag.removesuffix("_universal"))
+            metrics = self.evaluate()
+        while self.step < train.steps:
+            iteration_start = time.perf_counter()
+            step_metrics = self.train_step(batches)
+            if "first_step_done_at" not in self.timing:
+                self.timing["first_step_done_at"] = time.time()
+            plugins.emit("beitdist_on_step_end", context=self.context, step=self.step, metrics=step_metrics)
+            self._write_progress(step_metrics, metrics)
+            if self.rank == 0 and train.log_every and self.step % train.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", self.step, train.steps, step_metrics["loss"],
+                         step_metrics["lr"], step_metrics["images_per_s"])
+            last = self.step == train.steps
+            stopping = self.step == train.stop_at
+            side_start = time.perf_counter()  # evaluation and checkpoints are not per-step overhead
+            if last or (train.eval_every and self.step % train.eval_every == 0):
+                metrics = self.evaluate()
+                self.eval_history.append({"step": self.step, **metrics})
+                if self.rank == 0:
+                    log.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+                plugins.emit("beitdist_on_eval_end", context=self.context, step=self.step, metrics=metrics)
+            saving = last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0)
+            if saving:
+                checkpoint = self.save({**step_metrics, **metrics})
+                if self.reporter is not None:
+                    self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
+            side_s = time.perf_counter() - side_start
+            if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
+                self.reporter({"step": self.step, **step_metrics}, None)
+            self.timing["iteration_s"].append(time.perf_counter() - iteration_start - side_s)
+            self.timing["data_s"].append(step_metrics["data_s"])
+            if stopping and not last:
+                log.info("stopping at step %d as asked (train.stop_at); the next launch resumes here", self.step)
+                dist.barrier()
+                return TrainResult(self.step, metrics, self.losses, None, checkpoint)
+        self._record_device_peaks()
+        final_dir = None
+        if self.rank == 0 and checkpoint is not None:
+            final_dir = self.writer.consolidate(checkpoint.name, self.recipe)
+        result = TrainResult(self.step, metrics, self.losses, final_dir, checkpoint)
+        skipped = int(all_reduced(torch.tensor([self.train_loader.corrupt_skipped]), self.device).item())
+        if self.rank == 0:
+            summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
+                       "eval_history": self.eval_history, "final_dir": str(final_dir) if final_dir else None,
+                       "world_size": self.world,
+                       "images_per_step": self.recipe.data.batch_size * self.recipe.engine.grad_accum * self.world,
+                       "timing": self.timing, "corrupt_skipped": skipped}
+            write_atomic(self.layout.result_file, json.dumps(summary, indent=1))
+        plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
+                     final_dir=str(final_dir) if final_dir else None)
+        dist.barrier()
+        return result
+
+
+def _result_from(path: Path) -> TrainResult:
+    saved = json.loads(path.read_text())
+    final_dir = Path(saved["final_dir"]) if saved.get("final_dir") else None
+    return TrainResult(int(saved["step"]), dict(saved.get("metrics") or {}), list(saved.get("losses") or []), final_dir)
+
+
+def _sample(batch: Mapping[str, Any], count: int = 4) -> dict[str, torch.Tensor]:
+    """A few examples of a batch, on the CPU, for callbacks that draw pictures (MLflow)."""
+    size = batch["pixel_values"].shape[0]
+    return {k: v[:count].detach().cpu() for k, v in batch.items()
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size}
+
+
+def run(recipe: Recipe, dist_info: DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:
+    """Train `recipe` on this rank (one process of a torchrun / Ray / plain run)."""
+    return Trainer(recipe, dist_info or DistInfo.from_env(), reporter).run()

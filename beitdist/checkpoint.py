@@ -68,7 +68,7 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, prefer_
         raw = unwrap(_read_tensors(path, trust_pickle), str(path))
     except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
-    return _from_foreign(raw, None, str(path), prefer_head)
+    return read_foreign(raw, None, str(path), prefer_head)
 
 
 def _read_directory(path: Path, trust_pickle: bool, prefer_head: str | None = None) -> LoadedCheckpoint:
@@ -85,7 +85,7 @@ def _read_directory(path: Path, trust_pickle: bool, prefer_head: str | None = No
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 raw = unwrap(_read_tensors(path / name, trust_pickle), str(path / name))
-                return _from_foreign(raw, hf, str(path), prefer_head)
+                return read_foreign(raw, hf, str(path), prefer_head)
         raise CheckpointError(f"{path}: config.json found but no model.safetensors or pytorch_model.bin")
     training = _training_checkpoint(path, trust_pickle)
     if training is not None:
@@ -133,13 +133,6 @@ def _training_checkpoint(path: Path, trust_pickle: bool) -> LoadedCheckpoint | N
     model = build_model(model_section.backbone_config(), head_section.name, head_section.options)
     return LoadedCheckpoint(state, model.config, model.head_name, model.head.options() if model.head else {},
                             str(ckpt_dir / tag), "deepspeed")
-
-
-def _from_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str,
-                  prefer_head: str | None = None) -> LoadedCheckpoint:
-    """A transformers or unilm / timm state dict in beitdist's terms (`beitdist.formats`: the head
-    is recognised by the keys the registered heads declare)."""
-    return read_foreign(raw, hf_config, where, prefer_head)
 
 
 # --------------------------------------------------------------------- adapting
@@ -261,7 +254,8 @@ def load_model(
     head_keys = [k for k in state if k.startswith("head.")]
     model_head = {k: v.shape for k, v in model.state_dict().items() if k.startswith("head.")}
     if head_keys and not same_head:
-        plan.dropped["head."] = f"the checkpoint's {ckpt.head!r} head is not loaded into a new {head!r} head"
+        plan.dropped["head."] = (f"the checkpoint's {ckpt.head!r} head is not loaded into a new {head!r} head"
+                                 if head is not None else f"the checkpoint's {ckpt.head!r} head is left out (head=None)")
     elif same_head:
         changed = sorted(k for k in head_keys if k in model_head and state[k].shape != model_head[k])
         if changed or new_head:
@@ -296,8 +290,17 @@ def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite
     """beitdist's own checkpoint: config + head + safetensors weights, written atomically.
 
     `out_dir` must be new (or empty); an existing beitdist checkpoint is replaced only with
-    `overwrite=True`, and anything else there (a run, other files) is refused (`OutputError`)."""
-    out_dir = Path(out_dir)
+    `overwrite=True`, and anything else there (a run, a run's own weights, other files) is
+    refused (`OutputError`)."""
+    return _write_native(model, Path(out_dir), overwrite=overwrite, run_owned=False)
+
+
+def save_run_weights(model: BeitForTask, final_dir: Path) -> Path:
+    """A training run writing (or rewriting, on a resumed run) its own consolidated `final/`."""
+    return _write_native(model, final_dir, overwrite=True, run_owned=True)
+
+
+def _write_native(model: BeitForTask, out_dir: Path, *, overwrite: bool, run_owned: bool) -> Path:
     meta = {
         "format": "beitdist",
         "backbone": model.config.to_dict(),
@@ -309,7 +312,7 @@ def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite
         (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
         save_file(_tensors_for_saving(model.state_dict()), str(tmp / NATIVE_WEIGHTS))
 
-    return write_output_dir(out_dir, "beitdist", write, overwrite=overwrite)
+    return write_output_dir(out_dir, "beitdist", write, overwrite=overwrite, run_owned=run_owned)
 
 
 def export_hf(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -94,12 +94,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     from beitdist.launcher import launch, make_plan, uses_gpu
-
-    # a dry run plans a recipe that may be meant for another machine: its data need not be here
     from beitdist.preflight import preflight
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
 
+    # a dry run plans a recipe that may be meant for another machine: its data need not be here
     check_paths = not (args.skip_paths or args.dry_run)
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=check_paths))
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -304,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except InputError as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
+        if args.command == "train":  # a rank of torchrun: leave without gloo's teardown (it can abort)
+            _end_distributed_process(EXIT_BAD_INPUT, sync=False)
         return EXIT_BAD_INPUT
     except RunFailedError as err:
         print(f"beitdist {args.command}: run failed: {err}", file=sys.stderr)
@@ -318,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("beitdist %s failed", args.command)
         print(f"beitdist {args.command}: internal error: {type(err).__name__}: {err}"
               + ("" if args.verbose else " (run with -v for the traceback)"), file=sys.stderr)
+        if args.command == "train":
+            _end_distributed_process(EXIT_FAILED, sync=False)
         return EXIT_FAILED
 
 

@@ -51,6 +51,7 @@ class ProgressBar:
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last: str | None = None
+        self.started = time.time() - 1.0  # file times have coarse resolution on some file systems
         self.printed: str | None = None
         """The last line written on a non-terminal."""
 
@@ -73,6 +74,8 @@ class ProgressBar:
 
     def render(self) -> str | None:
         try:
+            if self.path.stat().st_mtime < self.started:  # a line of an earlier attempt: not this run's
+                return None
             p = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None

@@ -34,7 +34,7 @@ CHECKPOINT_FILES: dict[str, frozenset[str]] = {
     "beitdist": frozenset({"beitdist_config.json", "model.safetensors"}),
     "hf": frozenset({"config.json", "model.safetensors", "pytorch_model.bin"}),
 }
-"""The files a checkpoint of each kind consists of; the first of each set names the kind."""
+"""The files a checkpoint of each kind consists of (`KIND_MARKERS` names the kind)."""
 
 KIND_MARKERS = {"beitdist": "beitdist_config.json", "hf": "config.json"}
 KIND_NAMES = {"beitdist": "beitdist checkpoint", "hf": "transformers directory"}
@@ -57,8 +57,14 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _refusal(out: Path, kind: str, overwrite: bool, sources: Iterable[Path]) -> str | None:
-    """Why writing a `kind` directory at `out` would lose data, or None when it is safe."""
+def _enclosing_run(path: Path) -> Path | None:
+    """The training run directory `path` lies inside (a parent holding run markers), if any."""
+    return next((parent for parent in path.parents if RunDir.markers(parent)), None)
+
+
+def _refusal(out: Path, kind: str, overwrite: bool, sources: Iterable[Path], run_owned: bool = False) -> str | None:
+    """Why writing a `kind` directory at `out` would lose data, or None when it is safe.
+    `run_owned`: the run itself replacing its own `final/`."""
     resolved = out.resolve()
     for source in sources:
         src = Path(source).resolve()
@@ -70,6 +76,10 @@ def _refusal(out: Path, kind: str, overwrite: bool, sources: Iterable[Path]) -> 
         return f"{out}: is a symbolic link; give the real path or a new directory"
     if not out.exists():
         return _parent_problem(out)
+    owner = _enclosing_run(resolved)
+    if owner is not None and not run_owned:
+        return (f"{out}: belongs to the training run {owner}; it is never replaced from outside the run, "
+                "write the output to a new directory")
     if not out.is_dir():
         return f"{out}: is a file, not a directory; give a new directory for the {KIND_NAMES[kind]}"
     entries = sorted(p.name for p in out.iterdir())
@@ -95,23 +105,29 @@ def _refusal(out: Path, kind: str, overwrite: bool, sources: Iterable[Path]) -> 
 
 
 def _parent_problem(out: Path) -> str | None:
-    """A new path can be created unless its nearest existing ancestor is a file."""
+    """A new path can be created unless its nearest existing ancestor is a file, or not writable."""
     for parent in out.parents:
         if parent.exists():
-            return None if parent.is_dir() else f"{out}: its parent {parent} is a file, not a directory"
+            if not parent.is_dir():
+                return f"{out}: its parent {parent} is a file, not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{out}: cannot write in {parent} (permission denied); choose another place"
+            return None
     return None
 
 
 def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = False,
-                     sources: Iterable[str | os.PathLike] = ()) -> Path:
-    """Raise OutputError when writing a `kind` checkpoint directory at `out` would lose data.
+                     sources: Iterable[str | os.PathLike] = (), run_owned: bool = False) -> Path:
+    """Raise OutputError when writing a `kind` checkpoint directory at `out` would lose data;
+    returns `out` made absolute.
 
     Call it before the expensive part (loading, consolidating) so a refused output costs nothing;
-    `write_output_dir` checks again right before swapping the directory in."""
+    `write_output_dir` checks again right before swapping the directory in. `run_owned` is for a
+    training run replacing its own `final/` (inside the run directory)."""
     if kind not in CHECKPOINT_FILES:
         raise ValueError(f"unknown output kind {kind!r}")
-    out = Path(out)
-    problem = _refusal(out, kind, overwrite, [Path(s) for s in sources])
+    out = Path(os.path.abspath(out))  # "." has no name to put a sibling beside
+    problem = _refusal(out, kind, overwrite, [Path(s) for s in sources], run_owned)
     if problem is not None:
         raise OutputError(problem)
     return out
@@ -148,29 +164,31 @@ def _new_sibling(out: Path, label: str) -> Path:
 
 
 def write_output_dir(out: str | os.PathLike, kind: str, write: Callable[[Path], None], *, overwrite: bool = False,
-                     sources: Iterable[str | os.PathLike] = ()) -> Path:
+                     sources: Iterable[str | os.PathLike] = (), run_owned: bool = False) -> Path:
     """Write a checkpoint directory with `write(tmp_dir)` and swap it in at `out` atomically.
 
     A crash or a failed write leaves `out` as it was; the old checkpoint (only with `overwrite`)
-    is removed only after the new one is in place."""
+    is removed only after the new one is in place, and put back if the swap fails."""
     sources = list(sources)
-    out = check_output_dir(out, kind, overwrite=overwrite, sources=sources)
+    out = check_output_dir(out, kind, overwrite=overwrite, sources=sources, run_owned=run_owned)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_sibling(out, "new")
+    old: Path | None = None
     try:
         write(tmp)
         follow_umask(tmp)
-        check_output_dir(out, kind, overwrite=overwrite, sources=sources)  # nothing appeared meanwhile
-        old = None
+        check_output_dir(out, kind, overwrite=overwrite, sources=sources, run_owned=run_owned)  # nothing new there
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             out.rename(old)
         tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)  # the swap failed half-way: the user's checkpoint goes back where it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

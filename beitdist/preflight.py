@@ -23,12 +23,14 @@ from typing import Any
 
 from beitdist.errors import InputError
 from beitdist.recipe import Recipe
+from beitdist.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_BYTES_PER_PARAMETER = 18
-"""A DeepSpeed checkpoint on disk: fp32 master weights and two Adam moments (12 bytes), the module's
-weights (4 in fp32, 2 in bf16/fp16) and the consolidated fp32 `final/` beside it (4)... rounded up."""
+WEIGHT_BYTES, OPTIMIZER_BYTES = 8, 12
+"""Disk per parameter of one checkpoint: the module's weights and the consolidated fp32 `final/`
+(4 + 4, rounded up from bf16's 2), and, per trainable parameter, DeepSpeed's fp32 master weights
+and two Adam moments."""
 
 
 class PreflightError(InputError):
@@ -64,15 +66,16 @@ def _nearest_existing(path: Path) -> Path:
     return Path(os.sep)
 
 
-def checkpoint_bytes(recipe: Recipe) -> int:
+def checkpoint_disk_bytes(recipe: Recipe) -> int:
     """Disk one checkpoint of this recipe's model takes (all ranks' shards together)."""
     from beitdist.plan import count_parameters
 
-    params = count_parameters(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
-    return int(params) * CHECKPOINT_BYTES_PER_PARAMETER
+    params = count_parameters(recipe.model.backbone_config(), recipe.head.name, recipe.head.options,
+                              recipe.model.freeze)
+    return int(params) * WEIGHT_BYTES + params.trainable * OPTIMIZER_BYTES
 
 
-def check_output_dir(recipe: Recipe) -> None:
+def check_run_dir_writable(recipe: Recipe) -> None:
     """output_dir must be a directory this process can write (a probe file, removed at once) with
     room for one checkpoint; nothing is created when it does not exist yet."""
     run_dir = recipe.run_dir
@@ -86,17 +89,24 @@ def check_output_dir(recipe: Recipe) -> None:
     except OSError as err:
         raise PreflightError(f"output_dir: cannot write in {where} ({err.strerror or err}); the run would write "
                              f"{run_dir}; choose a writable output_dir") from None
-    needed = checkpoint_bytes(recipe)
+    needed = checkpoint_disk_bytes(recipe)
     free = shutil.disk_usage(where).free
     if free < needed:
         raise PreflightError(f"output_dir: {where} has {free / 1024**3:.2f} GiB free, one checkpoint of this model "
                              f"needs ~{needed / 1024**3:.2f} GiB; free space or choose another output_dir")
+    final = RunDir(run_dir).final
+    if final.exists():  # rewritten at the end of the run: a stray file there would fail it then
+        from beitdist.output_paths import OutputError, check_output_dir
+
+        try:
+            check_output_dir(final, "beitdist", overwrite=True, run_owned=True)
+        except OutputError as err:
+            raise PreflightError(f"output_dir: the run's final weights cannot be rewritten: {err}") from None
 
 
 def _recorded_recipe(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The recipe saved with the run's newest complete checkpoint (None for a new run)."""
     from beitdist.run.checkpoints import complete_tags
-    from beitdist.run.rundir import RunDir
 
     layout = RunDir(run_dir)
     ckpt_dir = layout.checkpoints
@@ -146,6 +156,11 @@ def check_resumable(recipe: Recipe) -> None:
     except (InputError, TypeError, KeyError) as err:
         log.warning("cannot compare with the recipe recorded in %s (%s); resuming as is", state_file, err)
         return
+    if tuple(before.model.freeze) != tuple(recipe.model.freeze):  # the optimizer's groups would not match
+        raise PreflightError(
+            f"model.freeze: the run {recipe.run_dir} was trained with model.freeze {list(before.model.freeze)}, "
+            f"now {list(recipe.model.freeze)}; its optimizer state cannot be resumed: use a new name (--set name=...) "
+            "and model.init from this run's final weights")
     old, new = _shapes(before), _shapes(recipe)
     if old == new:
         return
@@ -196,5 +211,5 @@ def preflight(recipe: Recipe, *, this_machine: bool = True, gpu: bool | None = N
     if not this_machine:
         return
     check_precision(recipe, gpu)
-    check_output_dir(recipe)
+    check_run_dir_writable(recipe)
     check_resumable(recipe)

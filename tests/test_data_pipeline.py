@@ -135,7 +135,7 @@ def test_skipping_stops_when_too_much_of_the_data_is_corrupt(tmp_path):
         batches(strict)
     lenient, _ = build_loaders({**cfg, "max_corrupt_fraction": 0.1}, "classification", 16, 8)
     assert sum(len(b["labels"]) for b in batches(lenient)) == 200
-    assert lenient.corrupt_skipped == 10 and lenient.samples_read == 200
+    assert lenient.corrupt_skipped == 10 and lenient.samples_read == 210
 
 
 def test_config_errors_name_the_field():

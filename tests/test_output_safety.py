@@ -162,3 +162,37 @@ def test_refusal_through_the_installed_command_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"beitdist export: error: {run}: is the source {run} or inside it; write the output somewhere else"]
     assert _tree(tmp_path) == before
+
+
+def test_a_runs_own_weights_are_never_replaced_from_outside(tmp_path, capsys):
+    run = _fake_run(tmp_path / "runs", "a")
+    beitdist.save_checkpoint(_model(), tmp_path / "src")
+    _refused(capsys, ["convert", str(tmp_path / "src"), str(run / "final"), "--to", "beitdist", "--overwrite"],
+             tmp_path, "belongs to the training run")
+    with pytest.raises(OutputError, match="belongs to the training run"):
+        beitdist.save_checkpoint(_model(), run / "final", overwrite=True)
+
+
+def test_the_current_directory_as_output(tmp_path, monkeypatch):
+    beitdist.save_checkpoint(_model(), tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    assert main(["convert", str(tmp_path / "src"), ".", "--to", "beitdist"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failed_swap_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    first = _model()
+    beitdist.save_checkpoint(first, tmp_path / "ckpt")
+    before = _tree(tmp_path)
+    real_rename = Path.rename
+
+    def flaky(self, target):
+        if ".new-" in self.name:
+            raise OSError("device busy")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", flaky)
+    with pytest.raises(OSError, match="device busy"):
+        beitdist.save_checkpoint(_model(), tmp_path / "ckpt", overwrite=True)
+    assert _tree(tmp_path) == before

@@ -87,11 +87,11 @@ def test_read_only_output_dir(tmp_path, capsys, read_only_dir):
 
 def test_output_dir_without_room_for_a_checkpoint(tmp_path, monkeypatch):
     recipe = validate_file(_recipe(tmp_path))
-    need = pf.checkpoint_bytes(recipe)
+    need = pf.checkpoint_disk_bytes(recipe)
     assert need > 0
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda _: type("U", (), {"free": need - 1})())
     with pytest.raises(pf.PreflightError, match="one checkpoint of this model needs"):
-        pf.check_output_dir(recipe)
+        pf.check_run_dir_writable(recipe)
 
 
 def test_fp16_on_cpu_workers(tmp_path, capsys, monkeypatch):

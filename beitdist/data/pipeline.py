@@ -194,6 +194,7 @@ class BeitLoader:
         self.epoch = 0
         self.corrupt_skipped = 0
         self.samples_read = 0
+        """Samples this rank tried to decode: delivered ones plus the corrupt ones passed over."""
         self.max_corrupt_fraction = max_corrupt_fraction
 
     def _check_corrupt_share(self) -> None:
@@ -230,6 +231,7 @@ class BeitLoader:
                 self.samples_read += len(batch["pixel_values"])
                 if skipped is not None:
                     self.corrupt_skipped += int(skipped.sum())
+                    self.samples_read += int(skipped.sum())  # the corrupt ones were read too
                     self._check_corrupt_share()
                 batch.pop("index", None)
                 if self.train and self.sampler is not None:

@@ -68,12 +68,12 @@ def recognise_native(state: StateDict, config: BackboneConfig, where: str, prefe
     for name, options in found:
         if name == prefer:
             return name, options
+    if prefer != "auto":  # the caller builds a head of its choosing (or none): the file's is dropped, logged
+        return None, {}
     if found:
         names = ", ".join(repr(name) for name, _ in found)
         raise CheckpointError(f"{where}: its head weights fit several heads ({names}); name the head to load "
                               "(load_model(head=...), --head)")
-    if prefer != "auto":  # the caller builds a head of its choosing (or none): the file's is dropped, logged
-        return None, {}
     raise CheckpointError(
         f"{where}: holds head weights ({', '.join(sorted(wanted)[:3])}, ...) that no installed head recognises; "
         "install the plugin whose head wrote them, or load the backbone alone with head=None (--head none)")

@@ -129,7 +129,10 @@ class Head(nn.Module):
     def evaluate_batch(self, forward: Forward, batch: Mapping[str, torch.Tensor], mode: str = "whole") -> ModelOutput:
         """The output that `loss` and `metric_state` score for one validation batch. `mode` is the
         recipe's `train.eval_mode` ("whole" or "slide"); a head without a sliding-window
-        inference (this default) runs the batch as it is whatever the mode."""
+        inference (this default) runs the batch as it is whatever the mode. It may call `forward`
+        several times (windows), but the count must depend only on the batch's shape: under ZeRO-3
+        every rank must run the same number of forwards, and the evaluator equalises calls of
+        this method, not forwards."""
         return forward(batch["pixel_values"], batch.get("bool_masked_pos"))
 
     def metric_state(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch.distributed as dist
 
 from beitdist import plugins
-from beitdist.checkpoint import save_checkpoint
+from beitdist.checkpoint import save_run_weights
 from beitdist.errors import RunFailedError
 from beitdist.model import build_model
 from beitdist.recipe import Recipe
@@ -88,4 +88,4 @@ class CheckpointWriter:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        return save_checkpoint(model, self.layout.final, overwrite=True)
+        return save_run_weights(model, self.layout.final)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from beitdist.errors import InputError
 from beitdist.run.collectives import all_reduced, any_rank
 
 Batch = dict[str, torch.Tensor]
@@ -46,17 +47,20 @@ class Evaluator:
         with torch.no_grad():
             batches = iter(self.loader)
             last: Batch | None = None
+            raw = next(batches, None)
+            if any_rank(raw is None, self.device):  # decided together: one rank raising alone would hang the rest
+                raise InputError("a rank has no validation batches (the validation split has fewer samples or "
+                                 "shards than ranks); use a larger validation split or fewer workers")
             while True:
-                raw = next(batches, None)
                 if not any_rank(raw is not None, self.device):
                     break
                 if raw is None:  # this rank ran out: a filler forward keeps ZeRO-3's gathers in step
-                    if last is None:
-                        raise RuntimeError(f"rank {self.rank} has no validation batches")
                     head.evaluate_batch(self.engine.forward, last, self.mode)
                     self.forwards += 1
+                    raw = next(batches, None)
                     continue
                 batch = last = self.prepare(raw)
+                raw = next(batches, None)
                 out = head.evaluate_batch(self.engine.forward, batch, self.mode)
                 self.forwards += 1
                 loss_sum += float(self.module.loss(out, batch))

@@ -357,11 +357,12 @@ class Trainer:
                 dist.barrier()
                 return TrainResult(self.step, metrics, self.losses, None, checkpoint)
         self._record_device_peaks()
+        # every rank takes part, before rank 0's consolidation alone (which may fail)
+        skipped = int(all_reduced(torch.tensor([self.train_loader.corrupt_skipped]), self.device).item())
         final_dir = None
         if self.rank == 0 and checkpoint is not None:
             final_dir = self.writer.consolidate(checkpoint.name, self.recipe)
         result = TrainResult(self.step, metrics, self.losses, final_dir, checkpoint)
-        skipped = int(all_reduced(torch.tensor([self.train_loader.corrupt_skipped]), self.device).item())
         if self.rank == 0:
             summary = {"step": result.step, "metrics": result.metrics, "losses": result.losses,
                        "eval_history": self.eval_history, "final_dir": str(final_dir) if final_dir else None,

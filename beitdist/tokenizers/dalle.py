@@ -202,7 +202,7 @@ def _unpickle(path: Path, data: bytes | None, digest: str | None) -> Any:
 
 
 def load_encoder_state(path: str | Path, sha256: str | None = None, trust: bool = False) -> dict[str, torch.Tensor]:
-    """The encoder's weights from `path`; raises ValueError naming the path and what is allowed."""
+    """The encoder's weights from `path`; raises InputError naming the path and what is allowed."""
     path = Path(path)
     if not path.is_file():
         raise InputError(

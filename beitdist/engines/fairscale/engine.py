@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from beitdist.backbone.convert import CheckpointError
 from beitdist.engines.base import TrainEngine
 from beitdist.engines.fairscale.checkpoints import MODEL_FILE, OPTIM_FILE, optim_shard_file
 from beitdist.optim import OptimConfig, adamw_options, build_adamw, optimizer_groups
@@ -162,7 +163,7 @@ class FairscaleEngine(TrainEngine):
         tag_dir = Path(ckpt_dir) / tag
         saved = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=False)
         if saved.get("mode", "oss") != self.mode:
-            raise ValueError(f"{tag_dir} was saved with engine.fairscale_mode {saved.get('mode')}, but this run uses "
+            raise CheckpointError(f"{tag_dir} was saved with engine.fairscale_mode {saved.get('mode')}, but this run uses "
                              f"{self.mode}; resume with the same mode")
         if self.mode == "oss":
             self.module.load_state_dict(saved["module"])
@@ -171,7 +172,7 @@ class FairscaleEngine(TrainEngine):
             self.optimizer.load_state_dict(optim_state)
             return
         if saved["world_size"] != self.world_size:
-            raise ValueError(f"{tag_dir} holds fsdp optimizer shards of {saved['world_size']} ranks, this run has "
+            raise CheckpointError(f"{tag_dir} holds fsdp optimizer shards of {saved['world_size']} ranks, this run has "
                              f"{self.world_size}; resume fsdp checkpoints at the same world size")
         self.wrapped.load_state_dict(saved["module"])
         rank_file = tag_dir / optim_shard_file(dist.get_rank())

@@ -58,8 +58,9 @@ def _within(inner: Path, outer: Path) -> bool:
 
 
 def _enclosing_run(path: Path) -> Path | None:
-    """The training run directory `path` lies inside (a parent holding run markers), if any."""
-    return next((parent for parent in path.parents if RunDir.markers(parent)), None)
+    """The training run directory `path` lies inside, if any: a parent holding run markers besides
+    a `final/` (a folder of the user's may well be called "final")."""
+    return next((parent for parent in path.parents if set(RunDir.markers(parent)) - {RunDir.FINAL}), None)
 
 
 def _refusal(out: Path, kind: str, overwrite: bool, sources: Iterable[Path], run_owned: bool = False) -> str | None:

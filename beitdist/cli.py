@@ -30,7 +30,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.rel_pos_bias is not None:
         overrides["rel_pos_bias"] = args.rel_pos_bias
     head = None if args.head == "none" else args.head
-    head_options = _key_values(args.head_option, "--head-option")
+    from beitdist.recipe import apply_overrides
+
+    head_options = apply_overrides({}, args.head_option, where="--head-option")  # the --set grammar
     model = load_model(args.source, head=head, head_options=head_options, new_head=args.new_head,
                        trust_pickle=args.trust_pickle, **overrides)
     writer = export_hf if args.to == "hf" else save_checkpoint
@@ -41,22 +43,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         f"{config.image_size[0]}x{config.image_size[1]} px, head {model.head_name}"
     )
     return EXIT_OK
-
-
-def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """KEY=VALUE strings (VALUE read as YAML: numbers, lists, booleans) -> a dict."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"{flag} {item!r}: expected KEY=VALUE, e.g. num_classes=100")
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise InputError(f"{flag} {item!r}: the value is not valid YAML") from None
-    return out
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -75,9 +61,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     preflight(recipe, this_machine=not args.skip_paths, gpu=uses_cuda())
     dist = DistInfo.from_env()
     progress: Any = nullcontext()
+    ranks = recipe.replace(scaling=dataclasses.replace(recipe.scaling, num_workers=dist.world_size))
+    plan = make_plan(ranks, uses_cuda())
+    problem = plan.fit_problem()
+    if problem is not None:  # the same refusal as `launch`, before any rank starts
+        raise InputError(problem)
     if dist.rank == 0:  # one voice for all ranks: the same plan and progress line as `launch`
-        ranks = recipe.replace(scaling=dataclasses.replace(recipe.scaling, num_workers=dist.world_size))
-        print(make_plan(ranks, uses_cuda()).describe(ranks))
+        print(plan.describe(ranks))
         for line in (world_note(recipe, dist.world_size), resume_line(recipe)):
             if line:
                 print(line)

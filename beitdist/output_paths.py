@@ -27,9 +27,6 @@ from pathlib import Path
 from beitdist.errors import InputError
 from beitdist.run.rundir import RunDir
 
-RUN_DIR_MARKERS = RunDir.MARKERS
-"""Names only a training run directory holds: such a directory is never replaced (`RunDir.markers`)."""
-
 CHECKPOINT_FILES: dict[str, frozenset[str]] = {
     "beitdist": frozenset({"beitdist_config.json", "model.safetensors"}),
     "hf": frozenset({"config.json", "model.safetensors", "pytorch_model.bin"}),

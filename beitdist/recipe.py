@@ -350,7 +350,10 @@ def with_environment(recipe: Recipe, environ: Mapping[str, str] | None = None) -
     environ = os.environ if environ is None else environ
     uri = environ.get("MLFLOW_TRACKING_URI")
     if uri and uri.strip() and recipe.tracking.uri is None:
-        return recipe.replace(tracking=dataclasses.replace(recipe.tracking, uri=uri.strip()))
+        try:
+            return recipe.replace(tracking=dataclasses.replace(recipe.tracking, uri=uri.strip()))
+        except OptionsError as err:  # checked like tracking.uri, but the user set the variable
+            raise RecipeError(f"MLFLOW_TRACKING_URI (the environment, used as tracking.uri): {err}") from None
     return recipe
 
 

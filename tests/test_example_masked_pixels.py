@@ -13,7 +13,6 @@ recipe's seed and the sample index).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from beitdist import plugins
-from tests.test_example_plugin import _env, _pip_install
+from tests.test_example_plugin import _env, installed_site
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +33,7 @@ RECIPE = PACKAGE / "recipes" / "digits_masked_pixels.yaml"
 @pytest.fixture(scope="module")
 def pixels_site(tmp_path_factory):
     """The directory the package is pip-installed into."""
-    site = tmp_path_factory.mktemp("masked_pixels") / "site"
-    try:
-        _pip_install(PACKAGE, site)
-        yield site
-    finally:
-        shutil.rmtree(site, ignore_errors=True)  # the "uninstall" of a --target install
-        plugins.reset()
+    yield from installed_site(PACKAGE, tmp_path_factory, "masked_pixels")
 
 
 def _python(code: str, *args: str, env: dict[str, str], cwd: Path) -> dict:

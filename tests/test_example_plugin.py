@@ -62,28 +62,28 @@ def _beitdist(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-m", "beitdist", *args], env=env)
 
 
+def installed_site(package: Path, tmp_path_factory: pytest.TempPathFactory, label: str):
+    """Yield a private directory `package` is pip-installed into; removed afterwards (the
+    "uninstall" of a --target install: nothing in the shared environment changes)."""
+    site = tmp_path_factory.mktemp(label) / "site"
+    try:
+        _pip_install(package, site)
+        yield site
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+        plugins.reset()
+
+
 @pytest.fixture(scope="module")
 def example_site(tmp_path_factory):
     """The directory the example package is pip-installed into."""
-    site = tmp_path_factory.mktemp("example") / "site"
-    try:
-        _pip_install(EXAMPLE, site)
-        yield site
-    finally:
-        shutil.rmtree(site, ignore_errors=True)  # the "uninstall" of a --target install
-        plugins.reset()
+    yield from installed_site(EXAMPLE, tmp_path_factory, "example")
 
 
 @pytest.fixture(scope="module")
 def pixels_site(tmp_path_factory):
     """The directory the masked-pixels example package (the guide's) is pip-installed into."""
-    site = tmp_path_factory.mktemp("pixels") / "site"
-    try:
-        _pip_install(PIXELS, site)
-        yield site
-    finally:
-        shutil.rmtree(site, ignore_errors=True)
-        plugins.reset()
+    yield from installed_site(PIXELS, tmp_path_factory, "pixels")
 
 
 def test_plugins_command_lists_the_example_head_with_its_package(example_site):

@@ -91,4 +91,4 @@ def test_cli_head_options(tmp_path, capsys):
     assert main(["convert", path, str(tmp_path / "out"), "--to", "beitdist", "--head-option", "num_classes=7"]) == 0
     assert beitdist.load_model(tmp_path / "out", head="auto").head.options()["num_classes"] == 7
     assert main(["convert", path, str(tmp_path / "bad"), "--head-option", "num_classes"]) == 2
-    assert "--head-option 'num_classes': expected KEY=VALUE" in capsys.readouterr().err
+    assert "--head-option 'num_classes': expected KEY.PATH=VALUE" in capsys.readouterr().err

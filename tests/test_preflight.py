@@ -146,3 +146,23 @@ def test_freeze_patterns_must_select_parameters(tmp_path, capsys):
     path = _recipe(tmp_path, model={"freeze": ["backbone", "head"]})
     _refused_everywhere(capsys, path, tmp_path, "model.freeze: every parameter would be frozen; nothing would train")
     assert main(["validate", str(_recipe(tmp_path, model={"freeze": ["backbone"]}))]) == 0
+
+
+def test_a_misspelt_tracking_uri_in_the_environment_names_the_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp:/oops")
+    path = _recipe(tmp_path, tracking={"enabled": True})
+    for command in (["train"], ["launch"]):
+        assert main([*command, str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "MLFLOW_TRACKING_URI (the environment, used as tracking.uri)" in err[0]
+        assert "unknown scheme 'htp'" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_a_plan_that_does_not_fit_gpu_memory_gb(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("beitdist.distributed.uses_cuda", lambda: True)  # GPU workers, as launch would plan them
+    path = _recipe(tmp_path, scaling={"gpu_memory_gb": 0.001})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("beitdist train: error: scaling.gpu_memory_gb: the plan needs")
+    assert not (tmp_path / "runs").exists()

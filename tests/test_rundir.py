@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from beitdist.output_paths import RUN_DIR_MARKERS
-from beitdist.run.rundir import RunDir, looks_like_run
+from beitdist.run.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "beitdist"
 HOME = PACKAGE / "run"
@@ -40,14 +39,14 @@ def test_paths_are_the_historical_names(tmp_path):
 
 
 def test_markers_recognise_a_run_directory(tmp_path):
-    assert RUN_DIR_MARKERS == RunDir.MARKERS == ("checkpoints", "final", "train_result.json", "mlflow.db",
+    assert RunDir.MARKERS == ("checkpoints", "final", "train_result.json", "mlflow.db",
                                                  "launch.json", "progress.json", "mlflow_run_id")
-    assert not looks_like_run(tmp_path) and not looks_like_run(tmp_path / "missing")
+    assert not RunDir.markers(tmp_path) and not RunDir.markers(tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("x")
     assert RunDir.markers(tmp_path) == []
     (tmp_path / "progress.json").write_text("{}")
     (tmp_path / "checkpoints").mkdir()
-    assert RunDir.markers(tmp_path) == ["checkpoints", "progress.json"] and looks_like_run(tmp_path)
+    assert RunDir.markers(tmp_path) == ["checkpoints", "progress.json"]
 
 
 def layout_literals(tree: ast.AST) -> list[tuple[int, str]]:

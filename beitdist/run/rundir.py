@@ -109,8 +109,3 @@ class RunDir:
         except OSError:
             return []
         return [name for name in cls.MARKERS if name in entries]
-
-
-def looks_like_run(path: str | os.PathLike) -> bool:
-    """Whether `path` holds anything only a training run directory holds."""
-    return bool(RunDir.markers(path))

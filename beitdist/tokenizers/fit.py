@@ -211,7 +211,6 @@ def _open_images(files: list[Path]) -> Iterator[Any]:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    check_output_file(args.out, "codebook", is_codebook_file, overwrite=args.overwrite)
     if args.images == "digits":
         images: Any = load_digits_images(args.input_size, args.max_images)[0]
         n_images, source = images.shape[0], "scikit-learn digits"

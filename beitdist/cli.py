@@ -267,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_cmd_plan)
 
     from beitdist.recipe_cli import add_validate_cli
+    from beitdist.recipe_schema import add_schema_cli
     from beitdist.tokenizers.fit import add_tokenizer_cli
 
     add_validate_cli(commands)
+    add_schema_cli(commands)
     add_tokenizer_cli(commands)
 
     plugins = commands.add_parser(

@@ -1,7 +1,8 @@
 """beitdist: train BEiT vision transformers at any scale.
 
-Public API (stable): `load_model`, `export_hf`, `save_checkpoint`, `build_model`, `ImageProcessor`,
-`BackboneConfig`, `variant`, `hookimpl`.
+Public API (stable): `load_model`, `export_hf`, `save_checkpoint`, `build_model`, `create_model`,
+`list_models`, `ImageProcessor`, `BackboneConfig`, `variant`, `hookimpl`; `BeitForTask` also has
+transformers' `from_pretrained` / `save_pretrained` and `forward(..., labels=)` -> `.loss`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from beitdist.heads.base import Head, HeadOutput
     from beitdist.hookspecs import hookimpl
     from beitdist.model import BeitForTask, ModelOutput, build_model
+    from beitdist.model_names import create_model, list_models
 
 # The public names are imported on first use (PEP 562): `import beitdist.<module>` must not pull
 # in torch (seconds) where only a light module is needed, e.g. the Ray worker set-up hook that
@@ -29,6 +31,7 @@ _PUBLIC = {
     "Head": "beitdist.heads.base", "HeadOutput": "beitdist.heads.base",
     "hookimpl": "beitdist.hookspecs",
     "BeitForTask": "beitdist.model", "ModelOutput": "beitdist.model", "build_model": "beitdist.model",
+    "create_model": "beitdist.model_names", "list_models": "beitdist.model_names",
 }
 
 
@@ -57,8 +60,10 @@ __all__ = [
     "ImageProcessor",
     "ModelOutput",
     "build_model",
+    "create_model",
     "export_hf",
     "hookimpl",
+    "list_models",
     "load_model",
     "save_checkpoint",
     "variant",

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +56,21 @@ def _read_tensors(path: Path, trust_pickle: bool) -> Any:
     return _torch_load(path, trust_pickle)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""`microsoft/beit-base-patch16-224`: what a transformers user passes to `from_pretrained`."""
+
+
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, prefer_head: str | None = None
                     ) -> LoadedCheckpoint:
     """Any supported checkpoint -> beitdist keys plus the config it implies. `prefer_head` (the
     head about to be built) decides when a foreign checkpoint's head keys fit several heads."""
     path = Path(path)
     if not path.exists():
+        if HUB_ID.fullmatch(str(path)):
+            raise CheckpointError(
+                f"{path}: no such file or directory (if it is a Hugging Face Hub id: beitdist reads local files "
+                f"only and never downloads; fetch it first, e.g. `huggingface-cli download {path} --local-dir DIR`, "
+                f"and pass DIR)")
         raise CheckpointError(f"{path}: no such file or directory")
     try:
         if path.is_dir():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,22 +45,55 @@ class BeitForTask(nn.Module):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """`labels` (what the head's `loss` reads as `batch["labels"]`: class ids or soft targets,
+        label maps, MIM target tokens) adds `.loss`, so loops written for transformers models
+        (`transformers.Trainer`, a Lightning module returning `model(**batch).loss`) drive this
+        model unchanged. beitdist's own training calls `loss` separately instead."""
         head = self.head
         if head is not None and head.needs == "pyramid":
             maps = self.backbone.forward_intermediates(pixel_values, head.block_indices, "NCHW", bool_masked_pos)
-            return _with_head_output(ModelOutput(None, None), head(maps, bool_masked_pos))
-        out = self.backbone(pixel_values, bool_masked_pos, output_hidden_states=output_hidden_states)
-        result = ModelOutput(None, out.last_hidden_state, out.pooler_output, out.hidden_states)
-        if head is None:
-            return result
-        features = out.pooler_output if head.needs == "pooled" else out.last_hidden_state
-        return _with_head_output(result, head(features, bool_masked_pos))
+            result = _with_head_output(ModelOutput(None, None), head(maps, bool_masked_pos))
+        else:
+            out = self.backbone(pixel_values, bool_masked_pos, output_hidden_states=output_hidden_states)
+            result = ModelOutput(None, out.last_hidden_state, out.pooler_output, out.hidden_states)
+            if head is not None:
+                features = out.pooler_output if head.needs == "pooled" else out.last_hidden_state
+                result = _with_head_output(result, head(features, bool_masked_pos))
+        if labels is not None:
+            batch = {"pixel_values": pixel_values, "labels": labels}
+            if bool_masked_pos is not None:
+                batch["bool_masked_pos"] = bool_masked_pos
+            result.loss = self.loss(result, batch)
+        return result
 
     def loss(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.head is None:
             raise InputError("a bare backbone has no loss; build the model with a head")
         return self.head.loss(output, batch)
+
+    # transformers' conventions, for users who bring code written for its models
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, head: str | None = "auto", **kwargs: Any) -> BeitForTask:
+        """`beitdist.load_model` (any checkpoint it reads: unilm, timm, transformers, beitdist, a
+        training run); `head="auto"` keeps the checkpoint's own head. Local paths only: a Hub id
+        is refused with a line saying how to fetch it."""
+        from beitdist.checkpoint import load_model
+
+        return load_model(path, head, **kwargs)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                        format: Literal["beitdist", "hf"] = "beitdist") -> Path:
+        """`beitdist.save_checkpoint` (or `export_hf` with `format="hf"`, a directory transformers'
+        own `from_pretrained` reads), with the same output rules: written atomically, an existing
+        checkpoint replaced only with `overwrite=True`, anything else never touched."""
+        from beitdist.checkpoint import export_hf, save_checkpoint
+
+        if format not in ("beitdist", "hf"):
+            raise InputError(f"save_pretrained: format must be 'beitdist' or 'hf', got {format!r}")
+        writer = export_hf if format == "hf" else save_checkpoint
+        return writer(self, out_dir, overwrite=overwrite)
 
 
 def _with_head_output(result: ModelOutput, out: torch.Tensor | HeadOutput) -> ModelOutput:

@@ -46,6 +46,7 @@ class BackboneOutput(Output):
 
 class ModelOutput(Output):
     """logits of the head (None for a bare backbone), last_hidden_state, pooler_output,
-    hidden_states, and aux_logits (segmentation's auxiliary head)."""
+    hidden_states, aux_logits (segmentation's auxiliary head), and loss when `forward` was given
+    labels (as transformers' outputs: `transformers.Trainer` reads `outputs["loss"]`)."""
 
-    fields = ("logits", "last_hidden_state", "pooler_output", "hidden_states", "aux_logits")
+    fields = ("logits", "last_hidden_state", "pooler_output", "hidden_states", "aux_logits", "loss")

@@ -135,6 +135,23 @@ class BackboneConfig:
         return cls(**data)
 
 
+RUNTIME_FLAGS = frozenset({"use_cache"})
+"""Attributes transformers' Trainer sets on `model.config` (`model.config.use_cache = ...`); they
+are not part of the architecture (not fields: not saved, compared or hashed)."""
+_frozen_setattr = BackboneConfig.__setattr__
+
+
+def _setattr(self: BackboneConfig, name: str, value: Any) -> None:
+    if name in RUNTIME_FLAGS:
+        object.__setattr__(self, name, value)
+    else:
+        _frozen_setattr(self, name, value)
+
+
+BackboneConfig.__setattr__ = _setattr  # type: ignore[method-assign]
+BackboneConfig.use_cache = False  # type: ignore[attr-defined]
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"backbone.{name}: got {value!r}; allowed: {', '.join(allowed)}")

@@ -102,6 +102,9 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise InputError(problem)
     if args.dry_run:
         return EXIT_OK
+    from beitdist.extras import require
+
+    require("ray", "beitdist launch")
     from beitdist.console import resume_line
 
     resuming = resume_line(recipe)
@@ -307,6 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"beitdist {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:  # a bug, not bad input: exit 1, the traceback under -v
+        from beitdist.extras import missing_extra
+
+        missing = missing_extra(err, f"beitdist {args.command}") if isinstance(err, ModuleNotFoundError) else None
+        if missing is not None:  # an optional dependency (an extra) that is not installed: bad set-up, exit 2
+            print(f"beitdist {args.command}: error: {missing}", file=sys.stderr)
+            if args.command == "train":
+                _end_distributed_process(EXIT_BAD_INPUT, sync=False)
+            return EXIT_BAD_INPUT
         if args.verbose:
             log.exception("beitdist %s failed", args.command)
         print(f"beitdist {args.command}: internal error: {type(err).__name__}: {err}"

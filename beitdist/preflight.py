@@ -187,8 +187,13 @@ _warned: set[str] = set()
 def check_tracking(recipe: Recipe, timeout_s: float = 2.0) -> None:
     """A tracking server that does not answer is a warning (once per URI): the run goes on and
     logs nothing, rather than failing minutes in."""
+    if not recipe.tracking.enabled:
+        return
+    from beitdist.extras import require
+
+    require("mlflow", "tracking (tracking.enabled: true; set it to false to train without MLflow)")
     uri = recipe.tracking.uri
-    if not recipe.tracking.enabled or not uri:
+    if not uri:
         return
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https") or uri in _warned:

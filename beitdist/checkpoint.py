@@ -278,7 +278,7 @@ def load_model(
     return model.eval()  # as transformers' from_pretrained: no dropout, all-patch MIM logits
 
 
-def _replace_trained_head(ckpt: LoadedCheckpoint, head: str, changed: list[str], state: StateDict,
+def _replace_trained_head(ckpt: LoadedCheckpoint, head: str | None, changed: list[str], state: StateDict,
                           model_head: Mapping[str, torch.Size], asked: bool) -> None:
     """A checkpoint's own trained head is thrown away only on request; say so loudly."""
     what = (f"{changed[0]} {list(state[changed[0]].shape)} -> {list(model_head[changed[0]])}" if changed

@@ -56,7 +56,7 @@ class LaunchPlan:
 
     @property
     def fits(self) -> bool:
-        return not self.checks_fit or self.per_rank_gib <= self.device_gib
+        return self.device_gib is None or not self.use_gpu or self.per_rank_gib <= self.device_gib
 
     def fit_problem(self) -> str | None:
         """Why the run would run out of GPU memory, in one line, or None."""

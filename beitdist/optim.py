@@ -67,8 +67,8 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     absolute position embedding, relative-position tables unless `rel_pos_weight_decay`). Layer ids
     come from `backbone.layer_id`; head parameters get the last id (scale 1).
     """
-    backbone = model.backbone
-    num_ids = backbone.num_layer_ids
+    backbone: Any = model.backbone  # a Beit (its layer ids and no-decay set)
+    num_ids: int = backbone.num_layer_ids
     scales = layer_scales(num_ids, config.layer_decay)
     skip = {f"backbone.{n}" for n in backbone.no_weight_decay(rel_pos_tables=not config.rel_pos_weight_decay)}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import CodeType
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -250,7 +250,7 @@ def register(plugin: object, name: str | None = None) -> str:
     e.g. for one test; returns its name for `unregister`."""
     pm = get_default_manager()
     try:
-        registered = pm.register(plugin, name=name)
+        registered = cast(str, pm.register(plugin, name=name))  # None only for a blocked name, never here
     except ValueError as err:  # pluggy: name or object already registered
         raise PluginError(f"cannot register plugin {name or plugin!r}: {err}") from None
     _State.registries = None

@@ -61,7 +61,7 @@ def type_schema(tp: Any) -> dict[str, Any]:
     if origin in (dict, Mapping):
         args = get_args(tp)
         return {"type": "object", "additionalProperties": type_schema(args[1]) if args else {}}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return dataclass_schema(tp)
     if tp is bool:
         return {"type": "boolean"}
@@ -116,7 +116,7 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
     return schema
 
 
-def _plugin_options(section: dict[str, Any], key: str, plugins: Mapping[str, type]) -> None:
+def _plugin_options(section: dict[str, Any], key: str, plugins: Mapping[str, Any]) -> None:
     """`options` of a plugin section: the named plugin's Options schema (if/then per name), and
     the name itself completed from the installed plugins."""
     props = section["properties"]

@@ -324,7 +324,8 @@ class Tracker:
     def log_metrics(self, kind: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
         """Queue one `log_batch` for this event (a copy of `metrics`: the caller may reuse it),
         after the training steps kept so far: MLflow sees the events in the order they happened."""
-        entries, tags = [(step, int(time.time() * 1000), dict(metrics))], dict(tags or {})
+        entries: list[tuple[int, int, Mapping[str, Any]]] = [(step, int(time.time() * 1000), dict(metrics))]
+        tags = dict(tags or {})
         with self.steps_lock:
             self._queue_steps()
             if not self.closed:

@@ -67,6 +67,7 @@ class Beit(nn.Module):
         self._check_input(pixel_values, bool_masked_pos)
         x = self.patch_embed(pixel_values)
         if bool_masked_pos is not None:
+            assert self.mask_token is not None  # _check_input refused a mask for a model without a mask token
             w = bool_masked_pos.unsqueeze(-1).type_as(x)
             x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
@@ -90,6 +91,7 @@ class Beit(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor | None:
         if self.config.pooling == "mean":
+            assert self.fc_norm is not None  # built for mean pooling
             return self.fc_norm(tokens[:, 1:].mean(dim=1))
         if self.config.pooling == "cls":
             return tokens[:, 0]

@@ -148,7 +148,7 @@ def _setattr(self: BackboneConfig, name: str, value: Any) -> None:
         _frozen_setattr(self, name, value)
 
 
-BackboneConfig.__setattr__ = _setattr  # type: ignore[method-assign]
+BackboneConfig.__setattr__ = _setattr  # type: ignore[method-assign,assignment]
 BackboneConfig.use_cache = False  # type: ignore[attr-defined]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from beitdist.backbone.config import BackboneConfig
+from beitdist.backbone.config import BackboneConfig, Pooling, RelPosBias
 from beitdist.backbone.resample import grid_from_table_rows
 from beitdist.errors import InputError
 
@@ -86,8 +86,8 @@ def unilm_key(key: str) -> str | None:
 def unilm_to_native(state_dict: Mapping[str, torch.Tensor], head_key: HeadKey | None = None) -> StateDict:
     """unilm / timm / mmseg keys -> `backbone.*`, and `head.*` for the keys `head_key` claims."""
     out: StateDict = {}
-    for key, value in state_dict.items():
-        key = unilm_key(key)
+    for raw_key, value in state_dict.items():
+        key = unilm_key(raw_key)
         if key is None:
             continue
         native = head_key(key) if head_key is not None else None
@@ -223,7 +223,7 @@ def hf_config_to_backbone(hf: Mapping[str, Any], state_dict: Mapping[str, torch.
     """transformers' config.json -> BackboneConfig; pooling is read from which norms are present."""
     if hf.get("use_relative_position_bias") and hf.get("use_shared_relative_position_bias"):
         raise CheckpointError("config.json asks for both shared and per-block relative position bias")
-    rel = "shared" if hf.get("use_shared_relative_position_bias") else (
+    rel: RelPosBias = "shared" if hf.get("use_shared_relative_position_bias") else (
         "per_block" if hf.get("use_relative_position_bias") else "none")
     patch = hf.get("patch_size", 16)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
@@ -253,7 +253,7 @@ def hf_config_to_backbone(hf: Mapping[str, Any], state_dict: Mapping[str, torch.
     )
 
 
-def infer_pooling(state_dict: Mapping[str, torch.Tensor]) -> str:
+def infer_pooling(state_dict: Mapping[str, torch.Tensor]) -> Pooling:
     if "backbone.fc_norm.weight" in state_dict:
         return "mean"
     if "backbone.norm.weight" in state_dict:
@@ -274,7 +274,7 @@ def infer_backbone_config(state_dict: Mapping[str, torch.Tensor], where: str) ->
         raise CheckpointError(f"{where}: missing {missing.args[0]!r}; not a BEiT checkpoint") from None
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
     table = state_dict.get("backbone.rel_pos_bias.relative_position_bias_table")
-    rel = "shared"
+    rel: RelPosBias = "shared"
     if table is None:
         table = state_dict.get("backbone.blocks.0.attn.relative_position_bias_table")
         rel = "per_block" if table is not None else "none"

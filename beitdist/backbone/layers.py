@@ -181,6 +181,8 @@ def attention(
 class RelativePositionBias(nn.Module):
     """One relative-position table shared by every block (BEiT pretraining)."""
 
+    relative_position_index: torch.Tensor
+
     def __init__(self, grid: tuple[int, int], num_heads: int) -> None:
         super().__init__()
         self.grid = grid
@@ -225,12 +227,16 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = QkvLinear(dim, 3 * dim, bias=False)
+        self.q_bias: nn.Parameter | None
+        self.v_bias: nn.Parameter | None
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = None
             self.v_bias = None
+        self.relative_position_bias_table: nn.Parameter | None
+        self.relative_position_index: torch.Tensor | None
         if grid is not None:
             self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_distances(grid), num_heads))
             self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
@@ -243,7 +249,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv_bias(self) -> torch.Tensor | None:
-        if self.q_bias is None:
+        if self.q_bias is None or self.v_bias is None:
             return None
         return torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
 
@@ -254,7 +260,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x, bias)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = shared_bias
-        if self.relative_position_bias_table is not None:
+        if self.relative_position_bias_table is not None and self.relative_position_index is not None:
             own = self.bias_cache.get(self.relative_position_bias_table, self.relative_position_index, q.dtype)
             bias = own if bias is None else bias + own
         if bias is not None and bias.dtype != q.dtype:
@@ -323,6 +329,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, act, drop, fc2_init_scale=rescale)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.gamma_1: nn.Parameter | None
+        self.gamma_2: nn.Parameter | None
         if layer_scale_init > 0:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))

@@ -103,7 +103,8 @@ class AugmentOp:
         if name == "Invert":
             return ImageOps.invert(img)
         if name == "Rotate":
-            return img.rotate(_negate(m / LEVEL_DENOM * 30.0, rng), resample=self.resample, fillcolor=self.fill)
+            return img.rotate(_negate(m / LEVEL_DENOM * 30.0, rng), resample=Image.Resampling(self.resample),
+                              fillcolor=self.fill)
         if name == "Posterize":
             return _posterize(img, int(m / LEVEL_DENOM * 4))
         if name == "PosterizeIncreasing":
@@ -119,7 +120,7 @@ class AugmentOp:
             return _ENHANCERS[base](img).enhance(factor)
         if name in ("ShearX", "ShearY"):
             f = _negate(m / LEVEL_DENOM * 0.3, rng)
-            data = (1, f, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, f, 1, 0)
+            data: tuple[float, ...] = (1, f, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, f, 1, 0)
             return _affine(img, data, self.fill, self.resample)
         if name in ("TranslateXRel", "TranslateYRel"):
             pct = _negate(m / LEVEL_DENOM * 0.45, rng)

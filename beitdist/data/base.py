@@ -61,7 +61,7 @@ class DatasetPlugin:
     Options: ClassVar[type]
 
     @classmethod
-    def build(cls, options: Any, split: str, transform: Callable[..., Any] | None = None) -> Dataset:
+    def build(cls, options: Any, split: str, transform: Callable[..., Any] | None = None) -> Dataset | None:
         raise NotImplementedError(f"dataset {cls.__name__} must implement build")
 
     @classmethod
@@ -135,6 +135,9 @@ class ImageDataset(Dataset):
 
     def __init__(self, transform: Callable[..., Any] | None = None) -> None:
         self.transform = transform
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"dataset {type(self).__name__} must implement __len__")
 
     def load(self, index: int) -> tuple[Image.Image, Any]:
         raise NotImplementedError

@@ -128,7 +128,7 @@ def _is_image(name: str, extensions: tuple[str, ...]) -> bool:
 def list_image_folder(root: Path, classes: list[str], extensions: tuple[str, ...]) -> list[tuple[str, int]]:
     """torchvision's make_dataset: per class (in the given order) every image below its directory,
     walked recursively in sorted order, following links."""
-    samples = []
+    samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         class_dir = root / name
         if not class_dir.is_dir():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -112,7 +112,7 @@ class MaskingGenerator:
 
     @classmethod
     def for_grid(
-        cls, grid: tuple[int, int] | int, ratio: float = UNILM_RATIO, seed: int | None = None, **kwargs: float
+        cls, grid: tuple[int, int] | int, ratio: float = UNILM_RATIO, seed: int | None = None, **kwargs: Any
     ) -> MaskingGenerator:
         """unilm's recipe scaled to `grid` (exactly 75 / min 16 on 14x14)."""
         count = num_masking_patches_for(grid, ratio)

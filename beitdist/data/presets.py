@@ -11,7 +11,7 @@ processes receive the current value).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -71,12 +71,13 @@ class ClassificationTrain(SampleTransform):
         self.crop = RandomResizedCrop(image_size, aug.scale, aug.ratio, aug.interpolation)
         self.rand_augment = rand_augment(aug.rand_augment, self.mean, aug.interpolation) if aug.rand_augment else None
         jitter = aug.color_jitter and (self.rand_augment is None or aug.force_color_jitter)
-        self.color_jitter = ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter) if jitter else None
+        strength = aug.color_jitter or 0.0
+        self.color_jitter = ColorJitter(strength, strength, strength) if jitter else None
         self.erasing = RandomErasing(aug.reprob, aug.remode, aug.recount) if aug.reprob > 0 else None
 
     def __call__(self, image: Image.Image, target: Any, index: int) -> dict[str, torch.Tensor]:
         (rng,) = self.rngs(index, 1)
-        img = self.crop(image, rng)
+        img = cast(Image.Image, self.crop(image, rng))  # one view: no second_size in this transform
         if self.hflip > 0:
             img = random_hflip(img, rng, self.hflip)
         if self.rand_augment is not None:
@@ -127,10 +128,10 @@ class MimTrain(SampleTransform):
         if self.hflip > 0:
             image = random_hflip(image, rng, self.hflip)
         views = self.crop(image, rng)
-        main = views[0] if self.crop.second_size is not None else views
+        main, second = views if isinstance(views, tuple) else (views, None)
         out = {"pixel_values": normalize(to_tensor(main), self.mean, self.std)}
-        if self.crop.second_size is not None:
-            out["tokenizer_pixels"] = to_tensor(views[1])
+        if second is not None:
+            out["tokenizer_pixels"] = to_tensor(second)
         if self.masks is not None:
             out["bool_masked_pos"] = _mask_tensor(self.masks(mask_rng))
         return out

@@ -149,10 +149,10 @@ def _image_chw(image: Any, convert_rgb: bool) -> np.ndarray:
         elif convert_rgb and arr.shape[0] == 4:
             if np.issubdtype(arr.dtype, np.floating) and (arr.min() < 0.0 or arr.max() > 1.0):
                 raise InputError(f"images: a float RGBA image must lie in [0, 1]; got [{arr.min()}, {arr.max()}]")
-            white = 255 if np.issubdtype(arr.dtype, np.integer) else 1.0
-            alpha = arr[3:4] / white  # composite onto white, as transformers does
-            comp = alpha * arr[:3] + (1 - alpha) * white
-            arr = np.round(comp).astype(arr.dtype) if white == 255 else comp.astype(arr.dtype)
+            top = 255 if np.issubdtype(arr.dtype, np.integer) else 1.0
+            alpha = arr[3:4] / top  # composite onto white, as transformers does
+            comp = alpha * arr[:3] + (1 - alpha) * top
+            arr = np.round(comp).astype(arr.dtype) if top == 255 else comp.astype(arr.dtype)
     if arr.shape[0] != 3:
         raise InputError(f"images: got {arr.shape[0]} channels (channels-first shape {arr.shape}); the model "
                          "needs 3 (RGB). Pass do_convert_rgb=True to convert grey (1) and RGBA (4) images")
@@ -204,7 +204,8 @@ class ImageProcessor:
 
     def _geometry(self, chw: np.ndarray, o: SimpleNamespace, resample: int) -> np.ndarray:
         if o.do_resize:
-            chw = _resize(chw, _output_size(*chw.shape[-2:], o.size), resample)
+            height, width = chw.shape[-2:]
+            chw = _resize(chw, _output_size(height, width, o.size), resample)
         if o.do_center_crop:
             chw = _center_crop(chw, o.crop_size["height"], o.crop_size["width"])
         return chw

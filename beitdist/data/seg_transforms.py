@@ -86,7 +86,7 @@ class PhotoMetricDistortion:
         return np.clip(arr.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
     def _contrast(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return self._convert(arr, alpha=rng.uniform(*self.contrast_range)) if rng.integers(2) else arr
+        return self._convert(arr, alpha=rng.uniform(self.contrast_range[0], self.contrast_range[1])) if rng.integers(2) else arr
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         arr = np.asarray(image.convert("RGB"))
@@ -96,7 +96,7 @@ class PhotoMetricDistortion:
         if contrast_first:
             arr = self._contrast(arr, rng)
         do_saturation = bool(rng.integers(2))
-        saturation = rng.uniform(*self.saturation_range) if do_saturation else 1.0
+        saturation = rng.uniform(self.saturation_range[0], self.saturation_range[1]) if do_saturation else 1.0
         do_hue = bool(rng.integers(2))
         hue = int(rng.integers(-self.hue_delta, self.hue_delta)) if do_hue else 0
         if do_saturation or do_hue:

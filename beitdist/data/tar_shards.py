@@ -170,7 +170,7 @@ class TarShardDataset(IterableDataset):
             j = int(rng.integers(len(buffer)))
             buffer[j], item = item, buffer[j]
             yield item
-        rng.shuffle(buffer)  # type: ignore[arg-type]
+        rng.shuffle(buffer)
         yield from buffer
 
     def _decoded(self, stream: Iterator[tuple[str, str, dict[str, bytes], int]]) -> Iterator[dict[str, Any]]:

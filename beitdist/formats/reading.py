@@ -41,13 +41,14 @@ def read_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str
     """Map `raw` (unwrapped tensors) to beitdist keys; `hf_config` is transformers' config.json
     when it came with one. `prefer` (the head about to be built) settles ambiguous head keys."""
     if is_native(raw):
-        config = infer_backbone_config(raw, where)
-        name, options = recognise_native(raw, config, where, prefer)
-        return LoadedCheckpoint(dict(raw), config, name, options, where, "beitdist")
+        native = infer_backbone_config(raw, where)
+        name, options = recognise_native(raw, native, where, prefer)
+        return LoadedCheckpoint(dict(raw), native, name, options, where, "beitdist")
     layout = detect_layout(raw)
     if layout == "hf":
         head = recognise(hf_head_keys(raw), "hf", where, prefer)
-        state = hf_to_native(raw, head.hf_keys.to_native if head is not None else None)
+        state = hf_to_native(raw, head.hf_keys.to_native if head is not None and head.hf_keys is not None else None)
+        config: BackboneConfig | None
         try:
             config = hf_config_to_backbone(hf_config or {}, state) if hf_config is not None else None
         except ConfigError as err:
@@ -56,7 +57,8 @@ def read_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str
             raise CheckpointError(f"{where}: transformers weights without their config.json")
     elif layout == "unilm":
         head = recognise(filter(None, map(unilm_key, raw)), "unilm", where, prefer)
-        state = unilm_to_native(raw, head.unilm_keys.to_native if head is not None else None)
+        state = unilm_to_native(raw, head.unilm_keys.to_native if head is not None and head.unilm_keys is not None
+                                else None)
         config = infer_backbone_config(state, where)
     else:
         raise CheckpointError(

@@ -33,7 +33,7 @@ def to_image(x: torch.Tensor, grey: torch.Tensor | None = None) -> Image:
         rgb[:, grey] = 128
     image = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy())
     scale = max(1, 224 // max(image.size))
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
 def grey_patches(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def overlay(image: Image, classes: torch.Tensor) -> Image:
     from PIL import Image
 
     palette = torch.randint(0, 256, (int(classes.max()) + 1, 3), generator=torch.Generator().manual_seed(0))
-    colours = Image.fromarray(palette[classes].byte().numpy()).resize(image.size, Image.NEAREST)
+    colours = Image.fromarray(palette[classes].byte().numpy()).resize(image.size, Image.Resampling.NEAREST)
     return Image.blend(image, colours, 0.5)
 
 

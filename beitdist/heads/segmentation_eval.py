@@ -69,7 +69,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or min(pair) <= 0:
         raise InputError(f"{name}: expected a positive int or a pair, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 @torch.no_grad()

@@ -73,6 +73,6 @@ class Evaluator:
         stats = all_reduced(torch.tensor([float(loss_sum), float(count)], dtype=torch.float64), self.device)
         reduced = {k: packed[i].reshape(totals[k].shape) for i, k in enumerate(keys)}
         metrics = {f"val_{k}": v for k, v in head.compute_metrics(reduced).items()}
-        metrics["val_loss"] = float(stats[0] / max(stats[1], 1))
+        metrics["val_loss"] = float(stats[0]) / max(float(stats[1]), 1.0)
         self.engine.train()
         return metrics

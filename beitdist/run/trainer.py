@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ class Trainer:
             log.info("model.freeze: %d parameter tensors frozen (%s, ...)", len(frozen), frozen[0])
         self.engine.build(model, param_groups(model, recipe.optim))  # one group builder for every engine
         self.optimizer = self.engine.optimizer
-        self.module: BeitForTask = self.engine.module
+        self.module = cast(BeitForTask, self.engine.module)
         self.schedule = Schedule(recipe.optim, recipe.train.steps)
         self.step, self.loader_state = 0, None
         if self.resume_tag is not None:
@@ -156,6 +156,7 @@ class Trainer:
         recipe = self.recipe
         state: dict[str, torch.Tensor] = {}
         if self.rank == 0:
+            assert recipe.model.init is not None  # called for model.init only
             source = load_model(recipe.model.init, recipe.head.name, head_options=recipe.head.options,
                                 trust_pickle=recipe.model.trust_pickle, **recipe.model.backbone_config().to_dict())
             state = source.state_dict()

@@ -26,7 +26,7 @@ class Tokenizer(nn.Module):
 
     def __init__(self, options: Any = None) -> None:
         super().__init__()
-        self.opts = parse(self.Options, options, "tokenizer.options")
+        self.opts: Any = parse(self.Options, options, "tokenizer.options")
 
     def options(self) -> dict[str, Any]:
         return to_dict(self.opts)

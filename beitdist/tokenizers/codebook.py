@@ -186,6 +186,9 @@ class CodebookTokenizer(Tokenizer):
 
     name = "codebook"
     Options = CodebookOptions
+    centroids: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

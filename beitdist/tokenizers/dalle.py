@@ -103,7 +103,7 @@ class DalleEncoder(nn.Module):
         widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]  # input, then each group's output
         layers: list[tuple[str, nn.Module]] = [("input", Conv2d(input_channels, n_hid, 7))]
         for g in range(1, self.group_count + 1):
-            group = [
+            group: list[tuple[str, nn.Module]] = [
                 (f"block_{i + 1}", EncoderBlock(widths[g - 1] if i == 0 else widths[g], widths[g], n_layers))
                 for i in range(n_blk_per_group)
             ]

@@ -41,19 +41,21 @@ def import_deepspeed() -> ModuleType:
     use, also when the caller imported DeepSpeed first (see the module docstring); later calls
     are free."""
     with _lock:  # the check too: another thread's import in progress leaves a half-made module there
-        deepspeed = sys.modules.get("deepspeed")
-        if deepspeed is None:
+        module: Any = sys.modules.get("deepspeed")
+        if module is None:
             hide = "mlflow" not in sys.modules  # already imported: nothing to save, nothing to hide
             if hide:
                 sys.modules["mlflow"] = None  # type: ignore[assignment]
             try:
                 import deepspeed
+
+                module = deepspeed
             finally:
                 if hide and sys.modules.get("mlflow", 0) is None:
                     del sys.modules["mlflow"]
         if _MUON not in sys.modules:  # also when the caller imported DeepSpeed itself, before beitdist
             _import_muon_compiling_lazily()
-    return deepspeed
+    return module
 
 
 def compile_on_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -67,7 +67,7 @@ class FairscaleEngine(TrainEngine):
         if self.config.activation_checkpointing:
             from fairscale.nn.checkpoint import checkpoint_wrapper
 
-            for block in model.backbone.blocks:  # patches forward in place: parameter names stay the same
+            for block in cast(Any, model.backbone).blocks:  # patches forward in place: parameter names stay the same
                 checkpoint_wrapper(block, offload_to_cpu=self.config.offload_activations)
         self.module = model
         if self.config.compile:
@@ -76,7 +76,7 @@ class FairscaleEngine(TrainEngine):
         if self.mode == "oss":
             from fairscale.nn.data_parallel import ShardedDataParallel
 
-            self.optimizer = sharded_adamw(groups, self.optim)
+            self.optimizer: Any = sharded_adamw(groups, self.optim)  # fairscale's OSS
             # broadcast_buffers off: BEiT's buffers are constants, and evaluation must not need
             # collectives per forward; rank 0's parameters and buffers are broadcast once here
             self.wrapped = ShardedDataParallel(model, self.optimizer, broadcast_buffers=False,
@@ -87,7 +87,7 @@ class FairscaleEngine(TrainEngine):
             for module in model.modules():  # rank 0's weights (model.init) everywhere before sharding
                 for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
                     dist.broadcast(tensor.data, src=0)
-            blocks = model.backbone.blocks
+            blocks = cast(Any, model.backbone).blocks
             for i in range(len(blocks)):
                 blocks[i] = FSDP(blocks[i], flatten_parameters=False)
             # flatten_parameters=False keeps the Parameter objects the layer-decay groups hold

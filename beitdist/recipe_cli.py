@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from beitdist.data import remote
 from beitdist.errors import InputError
 from beitdist.recipe import Recipe, RecipeError, load_recipe
 
@@ -36,6 +37,8 @@ def path_problems(recipe: Recipe) -> list[str]:
     problems = []
     for name in PATH_FIELDS:
         value = getattr(options, name, None)
+        if isinstance(value, str) and remote.is_remote(value):
+            continue  # checked by the dataset when it lists the store (credentials may be the workers')
         if isinstance(value, str) and not Path(value).expanduser().exists():
             problems.append(f"data.options.{name}: {value!r} does not exist on this machine "
                             "(use --skip-paths for a recipe meant for another machine)")
@@ -53,7 +56,7 @@ def _shard_problems(recipe: Recipe, options: Any) -> list[str]:
         if not patterns:
             continue
         try:
-            shards = expand_paths(patterns)
+            shards = expand_paths(patterns, getattr(options, "storage_options", None))
         except ValueError as err:
             missing = re.search(r"\['([^']+)'", str(err))
             first = f"e.g. {missing.group(1)!r} " if missing else ""

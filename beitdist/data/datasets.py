@@ -12,14 +12,15 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from beitdist.data import remote
 from beitdist.data.base import IMG_EXTENSIONS, DatasetPlugin, ImageDataset, check_label, check_label_map, decode_image
 from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
@@ -138,10 +139,25 @@ def list_image_folder(root: Path, classes: list[str], extensions: tuple[str, ...
     return samples
 
 
+def list_remote_image_folder(root: str, classes: list[str], extensions: tuple[str, ...],
+                             storage_options: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """`list_image_folder` for a URL: per class every image below it, in sorted order."""
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        class_url = f"{root.rstrip('/')}/{name}"
+        if remote.subdirectories(class_url, storage_options) is None:
+            continue
+        samples.extend((url, label) for url in remote.files_below(class_url, storage_options)
+                       if _is_image(url, extensions))
+    return samples
+
+
 class FolderDataset(ImageDataset):
     def __init__(self, samples: list[tuple[str, int]], classes: list[str],
-                 transform: Callable[..., Any] | None = None) -> None:
+                 transform: Callable[..., Any] | None = None, storage_options: Mapping[str, Any] | None = None
+                 ) -> None:
         super().__init__(transform)
+        self.storage_options = dict(storage_options or {})
         self.samples, self.classes, self.num_classes = samples, classes, len(classes)
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.targets = [label for _, label in samples]
@@ -154,21 +170,37 @@ class FolderDataset(ImageDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return decode_image(path), check_label(label, self.num_classes, path)
+        source = remote.read_bytes(path, self.storage_options) if remote.is_remote(path) else path
+        return decode_image(source, name=path), check_label(label, self.num_classes, path)
 
 
 @dataclass(frozen=True)
 class ImageFolderOptions:
     root: str
-    """Directory holding one sub-directory per split, each with one sub-directory per class."""
+    """Directory holding one sub-directory per split, each with one sub-directory per class; a
+    local path or a URL (s3://bucket/imagenet, read through fsspec)."""
     train_split: str = "train"
     val_split: str | None = "val"
     """None: no validation loader."""
     extensions: tuple[str, ...] = IMG_EXTENSIONS
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for a URL root, e.g. {endpoint_url: "http://minio:9000", key: ..., secret: ...}."""
 
     def __post_init__(self) -> None:
         check(bool(self.root), "root", "give the dataset directory")
         check(all(e.startswith(".") for e in self.extensions), "extensions", "each must start with a dot, e.g. '.jpg'")
+
+
+def _remote_split_dir(root: str, split: str, storage_options: Mapping[str, Any]) -> str:
+    layout = f"{root}/<split>/<class>/<image> (e.g. {root}/{split}/cat/0001.jpg)"
+    splits = remote.subdirectories(root, storage_options)
+    if splits is None:
+        raise InputError(f"image_folder: root {root!r} is not a directory (or cannot be listed); expected the "
+                         f"layout {layout}")
+    if split not in splits:
+        raise InputError(f"image_folder: split directory {root.rstrip('/')}/{split} does not exist (found "
+                         f"{splits[:10]}); expected the layout {layout}")
+    return f"{root.rstrip('/')}/{split}"
 
 
 def _split_dir(root: str, split: str) -> Path:
@@ -196,6 +228,12 @@ class ImageFolder(DatasetPlugin):
 
     @classmethod
     def classes(cls, options: ImageFolderOptions) -> list[str]:
+        if remote.is_remote(options.root):
+            url = _remote_split_dir(options.root, options.train_split, options.storage_options)
+            found = remote.subdirectories(url, options.storage_options) or []
+            if not found:
+                raise InputError(f"image_folder: no class directories in {url!r}; expected {url}/<class>/<image>")
+            return found
         train_dir = _split_dir(options.root, options.train_split)
         classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
         if not classes:
@@ -210,12 +248,22 @@ class ImageFolder(DatasetPlugin):
         if name is None:
             return None
         classes = cls.classes(options)
-        split_dir = _split_dir(options.root, name)
-        unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(classes))
+        extensions = tuple(e.lower() for e in options.extensions)
+        split_dir: Path | str
+        if remote.is_remote(options.root):
+            split_dir = _remote_split_dir(options.root, name, options.storage_options)
+            present = set(remote.subdirectories(split_dir, options.storage_options) or [])
+        else:
+            split_dir = _split_dir(options.root, name)
+            present = {e.name for e in os.scandir(split_dir) if e.is_dir()}
+        unknown = sorted(present - set(classes))
         if unknown:
             raise InputError(f"image_folder: classes {unknown[:10]} in {str(split_dir)!r} are not in the train "
                              f"split {options.train_split!r}, whose classes define the label ids")
-        samples = list_image_folder(split_dir, classes, tuple(e.lower() for e in options.extensions))
+        if isinstance(split_dir, str):
+            samples = list_remote_image_folder(split_dir, classes, extensions, options.storage_options)
+        else:
+            samples = list_image_folder(split_dir, classes, extensions)
         if not samples:
             raise InputError(f"image_folder: no images with extensions {list(options.extensions)} under "
                              f"{str(split_dir)!r}; expected {split_dir}/<class>/<image>")
@@ -224,7 +272,7 @@ class ImageFolder(DatasetPlugin):
             raise InputError(f"image_folder: class directories without images in {str(split_dir)!r}: {empty[:10]}")
         if empty:
             logger.warning("image_folder: %d classes have no images in %s: %s", len(empty), split_dir, empty[:10])
-        return FolderDataset(samples, classes, transform)
+        return FolderDataset(samples, classes, transform, options.storage_options)
 
 
 # -------------------------------------------------------------------------------------- ADE20K

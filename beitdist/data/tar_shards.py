@@ -26,14 +26,16 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from beitdist.data import remote
 from beitdist.data.base import ON_CORRUPT, CorruptImageError, DatasetPlugin, check_label, decode_image
 from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
@@ -44,25 +46,36 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
-def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[str]:
-    """Globs and webdataset brace ranges (`shard-{000..099}.tar`) -> sorted, de-duplicated paths."""
+def expand_paths(patterns: tuple[str, ...] | list[str], storage_options: Mapping[str, Any] | None = None
+                 ) -> list[str]:
+    """Globs and webdataset brace ranges (`shard-{000..099}.tar`) -> sorted, de-duplicated paths;
+    URLs (`s3://bucket/train-{000..099}.tar`) are listed through fsspec (`beitdist.data.remote`)."""
+
+    def matches(name: str) -> list[str]:
+        if remote.is_remote(name):
+            return remote.glob(name, storage_options)
+        return sorted(glob.glob(os.path.expanduser(name)))
+
     out: list[str] = []
     for pattern in patterns:
         match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+        names = [pattern]
         if match:
             lo, hi = match.groups()
             width = len(lo)
             names = [pattern[: match.start()] + str(i).zfill(width) + pattern[match.end() :]
                      for i in range(int(lo), int(hi) + 1)]
-            out.extend(p for name in names for p in (sorted(glob.glob(name)) or [name]))
-        else:
-            found = sorted(glob.glob(os.path.expanduser(pattern)))
-            out.extend(found or [pattern])
+        if match and all(remote.is_remote(n) and not any(c in n for c in "*?[") for n in names):
+            listed = set(remote.glob(pattern[: match.start()] + "*" + pattern[match.end():], storage_options))
+            out.extend(n if n in listed else f"missing:{n}" for n in names)  # one listing, not one request each
+            continue
+        out.extend(p for name in names for p in (matches(name) or [f"missing:{name}"]))
     paths = sorted(set(out))
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p.removeprefix("missing:") for p in paths if p.startswith("missing:")]
+    missing += [p for p in paths if not p.startswith("missing:") and not remote.is_remote(p) and not os.path.isfile(p)]
     if missing:
         raise InputError(f"tar shards not found: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"(from patterns {list(patterns)}); expected local .tar files")
+                         f"(from patterns {list(patterns)}); expected .tar files (local paths or URLs)")
     return paths
 
 
@@ -72,20 +85,29 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
 
 
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each run of members sharing a basename, in file order."""
-    key, files = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = _split_name(member.name)
-            if key is not None and k != key:
-                yield key, files
-                files = {}
-            key = k
-            handle = tar.extractfile(member)
-            files[ext] = handle.read() if handle is not None else b""
+def iter_tar_samples(path: str, storage_options: Mapping[str, Any] | None = None
+                     ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each run of members sharing a basename, in file order; a URL
+    is streamed through fsspec, never downloaded whole."""
+    with ExitStack() as stack:
+        fileobj = stack.enter_context(remote.open_binary(path, storage_options)) if remote.is_remote(path) else None
+        tar = stack.enter_context(tarfile.open(path if fileobj is None else None, mode="r|*", fileobj=fileobj))
+        yield from _runs(tar)
+
+
+def _runs(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, ext = _split_name(member.name)
+        if key is not None and k != key:
+            yield key, files
+            files = {}
+        key = k
+        handle = tar.extractfile(member)
+        files[ext] = handle.read() if handle is not None else b""
     if key is not None:
         yield key, files
 
@@ -95,8 +117,10 @@ class TarShardDataset(IterableDataset):
 
     def __init__(self, shards: list[str], num_classes: int, transform: Callable[..., Any] | None = None,
                  shuffle: bool = True, shuffle_buffer: int = 1000, seed: int | None = None,
-                 label_ext: str | None = "cls", on_corrupt: str = "stop") -> None:
+                 label_ext: str | None = "cls", on_corrupt: str = "stop",
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.shards, self.num_classes, self.transform = list(shards), num_classes, transform
+        self.storage_options = dict(storage_options or {})
         self.shuffle, self.shuffle_buffer, self.label_ext = shuffle, shuffle_buffer, label_ext
         self._fixed_seed = seed is not None
         self.seed = 0 if seed is None else int(seed)
@@ -154,7 +178,7 @@ class TarShardDataset(IterableDataset):
     def _encoded(self, worker_id: int, num_workers: int) -> Iterator[tuple[str, str, dict[str, bytes], int]]:
         """(shard, key, members, sample id) of this worker's shards, still encoded."""
         for shard_idx, shard in self.shards_for(worker_id, num_workers):
-            for k, (key, files) in enumerate(iter_tar_samples(shard)):
+            for k, (key, files) in enumerate(iter_tar_samples(shard, self.storage_options)):
                 yield shard, key, files, (shard_idx << 32) | k
 
     def _shuffled(self, stream: Iterator[Any], num_workers: int, worker_id: int) -> Iterator[Any]:
@@ -210,7 +234,8 @@ class TarShardOptions:
     num_classes: int
     """Labels must lie in [0, num_classes) (21841 for the full ImageNet-22k)."""
     train: tuple[str, ...] = ()
-    """Globs or brace ranges of local .tar shards, e.g. ["/data/in22k/train-{000000..014999}.tar"]."""
+    """Globs or brace ranges of .tar shards, local or URLs, e.g. ["/data/in22k/train-{000000..014999}.tar"]
+    or ["s3://bucket/in22k/train-{000000..014999}.tar"]."""
     val: tuple[str, ...] = ()
     """Validation shards; empty means no validation loader."""
     shuffle_buffer: int = 1000
@@ -220,6 +245,9 @@ class TarShardOptions:
     """Extension of the member holding the class id as text; None for unlabelled data (MIM only)."""
     seed: int | None = None
     """Shard-order / buffer seed; None takes the run's seed (given by the pipeline's set_distributed)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for shard URLs, e.g. {endpoint_url: "http://minio:9000", key: ..., secret: ...} for an
+    S3-compatible store (or leave empty and set AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / ...)."""
 
     def __post_init__(self) -> None:
         check(self.num_classes > 0, "num_classes", f"expected a positive int, got {self.num_classes}")
@@ -237,8 +265,9 @@ class TarShards(DatasetPlugin):
         patterns = options.train if split == "train" else options.val
         if not patterns:
             return None
-        return TarShardDataset(expand_paths(patterns), options.num_classes, transform, shuffle=split == "train",
-                               shuffle_buffer=options.shuffle_buffer, seed=options.seed, label_ext=options.label_ext)
+        return TarShardDataset(expand_paths(patterns, options.storage_options), options.num_classes, transform,
+                               shuffle=split == "train", shuffle_buffer=options.shuffle_buffer, seed=options.seed,
+                               label_ext=options.label_ext, storage_options=options.storage_options)
 
 
 @hookimpl

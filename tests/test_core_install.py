@@ -89,3 +89,36 @@ def test_a_missing_core_module_is_still_a_bug_not_an_extra():
     assert missing_extra(ModuleNotFoundError(name="numpy"), "beitdist x") is None
     assert "beitdist[onnx]" in str(missing_extra(ModuleNotFoundError(name="onnxruntime.capi"), "beitdist export"))
     assert torch.__version__ >= "2.5"  # setup.cfg's lower bound: torch.serialization.safe_globals
+
+
+@pytest.mark.slow
+def test_a_fresh_venv_with_the_core_install_converts_and_exports_and_refuses_launch(tmp_path, checkpoint):
+    """The real thing, once: `pip install .` (no extras) in a new virtual environment (about a
+    minute: torch comes from the local wheel, the rest from the package index)."""
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = str(env_dir / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "-c", str(root / "constraints.txt"), str(root)],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    script = textwrap.dedent(f"""
+        import json, sys
+        from beitdist.cli import main
+        codes = [main(["convert", {str(checkpoint)!r}, {str(tmp_path / "hf")!r}, "--to", "hf"]),
+                 main(["export", {str(checkpoint)!r}, {str(tmp_path / "native")!r}, "--to", "beitdist"])]
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {list(OPTIONAL)!r})
+        print("RESULT " + json.dumps({{"codes": codes, "loaded": loaded}}))
+    """)
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result == {"codes": [0, 0], "loaded": []}, out.stderr[-3000:]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'runs'}\ntracking: {{enabled: false}}\n")
+    launch = subprocess.run([str(env_dir / "bin" / "beitdist"), "launch", str(recipe)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert launch.returncode == 2
+    assert launch.stderr.strip().endswith('pip install "beitdist[train]"'), launch.stderr[-2000:]

@@ -15,6 +15,8 @@ from beitdist.errors import InputError, RunFailedError
 log = logging.getLogger("beitdist")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DISTRIBUTED_COMMANDS = ("train", "evaluate")
+"""Commands that may run as ranks of torchrun: they leave without gloo's teardown."""
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -269,11 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the recipe's scaling.gpu_memory_gb)")
     plan.set_defaults(run=_cmd_plan)
 
+    from beitdist.evaluate import add_evaluate_cli
     from beitdist.recipe_cli import add_validate_cli
     from beitdist.recipe_schema import add_schema_cli
     from beitdist.tokenizers.fit import add_tokenizer_cli
 
     add_validate_cli(commands)
+    add_evaluate_cli(commands)
     add_schema_cli(commands)
     add_tokenizer_cli(commands)
 
@@ -293,17 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         code = run(args)
-        if args.command in ("train",):
+        if args.command in DISTRIBUTED_COMMANDS:
             _end_distributed_process(code)
         return code
     except InputError as err:
         print(f"beitdist {args.command}: error: {err}", file=sys.stderr)
-        if args.command == "train":  # a rank of torchrun: leave without gloo's teardown (it can abort)
+        if args.command in DISTRIBUTED_COMMANDS:  # a rank of torchrun: leave without gloo's teardown (it can abort)
             _end_distributed_process(EXIT_BAD_INPUT, sync=False)
         return EXIT_BAD_INPUT
     except RunFailedError as err:
         print(f"beitdist {args.command}: run failed: {err}", file=sys.stderr)
-        if args.command == "train":
+        if args.command in DISTRIBUTED_COMMANDS:
             _end_distributed_process(err.exit_code, sync=err.all_ranks)
         return err.exit_code
     except KeyboardInterrupt as err:
@@ -315,14 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = missing_extra(err, f"beitdist {args.command}") if isinstance(err, ModuleNotFoundError) else None
         if missing is not None:  # an optional dependency (an extra) that is not installed: bad set-up, exit 2
             print(f"beitdist {args.command}: error: {missing}", file=sys.stderr)
-            if args.command == "train":
+            if args.command in DISTRIBUTED_COMMANDS:
                 _end_distributed_process(EXIT_BAD_INPUT, sync=False)
             return EXIT_BAD_INPUT
         if args.verbose:
             log.exception("beitdist %s failed", args.command)
         print(f"beitdist {args.command}: internal error: {type(err).__name__}: {err}"
               + ("" if args.verbose else " (run with -v for the traceback)"), file=sys.stderr)
-        if args.command == "train":
+        if args.command in DISTRIBUTED_COMMANDS:
             _end_distributed_process(EXIT_FAILED, sync=False)
         return EXIT_FAILED
 

@@ -120,8 +120,9 @@ class TrainSection:
     max_nonfinite_steps: int = 3
     """Stop after this many consecutive non-finite losses (steps with NaN/inf are skipped)."""
     eval_mode: str = "whole"
-    """'whole' images or 'slide' (sliding window), for heads whose `evaluate_batch` has one
-    (segmentation); the others evaluate whole images either way."""
+    """'whole' images, 'slide' (sliding window) or 'ms-flip' (sliding windows at scales 0.5-1.75 and
+    mirrored, mmseg's aug_test), for heads whose `evaluate_batch` has them (segmentation); the
+    others evaluate whole images either way."""
     stop_at: int = 0
     """Stop after this step with a checkpoint, as a preempted job would (0: run to the end); the
     next launch of the same run resumes from it. For time-boxed jobs and resume tests."""
@@ -132,9 +133,11 @@ class TrainSection:
             check(getattr(self, name) >= 0, name, f"expected >= 0, got {getattr(self, name)}")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"expected >= 1, got {self.keep_checkpoints}")
         check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", f"expected >= 1, got {self.max_nonfinite_steps}")
-        check(self.eval_mode in ("whole", "slide"), "eval_mode", f"got {self.eval_mode!r}; allowed: whole, slide")
+        check(self.eval_mode in EVAL_MODES, "eval_mode", f"got {self.eval_mode!r}; allowed: {', '.join(EVAL_MODES)}")
         check(0 <= self.stop_at <= self.steps, "stop_at", f"expected 0 <= stop_at <= steps, got {self.stop_at}")
 
+
+EVAL_MODES = ("whole", "slide", "ms-flip")
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 

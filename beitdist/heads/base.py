@@ -31,7 +31,9 @@ What it implements:
   intersections, ...) that can be all-reduced across ranks and accumulated over batches;
   `compute_metrics(state) -> dict[str, float]` turns the totals into the reported metrics.
 - optionally `evaluate_batch` (how a validation batch is run: sliding windows, ...), `pictures`
-  (what MLflow shows), and for conversion `options_from_state_dict`, `options_from_hf`, `hf_config`.
+  (what MLflow shows), `detail_state` / `report` (the details `beitdist evaluate` writes beyond the
+  scalar metrics: per-class numbers, a confusion matrix), and for conversion
+  `options_from_state_dict`, `options_from_hf`, `hf_config`.
 """
 
 from __future__ import annotations
@@ -139,6 +141,16 @@ class Head(nn.Module):
         return {}
 
     def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {}
+
+    def detail_state(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra SUMS for `report`, gathered only by `beitdist evaluate` (never during training, where
+        a (classes x classes) confusion matrix all-reduced at every evaluation would cost too much)."""
+        return {}
+
+    def report(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """JSON-able details from the summed `metric_state` and `detail_state` (per-class accuracy,
+        per-class IoU, a confusion matrix, ...), written by `beitdist evaluate` beside the metrics."""
         return {}
 
     # -------------------------------------------------------------- pictures

@@ -36,6 +36,9 @@ class ClassificationOptions:
         check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"expected [0, 1), got {self.label_smoothing}")
 
 
+MAX_CONFUSION_CLASSES = 1000
+
+
 class ClassificationHead(Head):
     name = "classification"
     Options = ClassificationOptions
@@ -75,6 +78,31 @@ class ClassificationHead(Head):
     def compute_metrics(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         count = max(float(state["count"]), 1.0)
         return {"top1": float(state["correct_top1"]) / count, "top5": float(state["correct_top5"]) / count}
+
+    def detail_state(self, output: ModelOutput, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The confusion matrix: rows true classes, columns predicted ones."""
+        labels = batch["labels"]
+        if labels.is_floating_point():
+            labels = labels.argmax(dim=-1)
+        k = self.opts.num_classes
+        pairs = labels.long().reshape(-1) * k + output.logits.argmax(dim=-1).reshape(-1)
+        return {"confusion": torch.bincount(pairs, minlength=k * k).double().reshape(k, k)}
+
+    def report(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Per-class accuracy (None for a class without samples) and, up to 1000 classes, the
+        confusion matrix (larger ones only as a picture would be unreadable and the JSON huge)."""
+        confusion = state.get("confusion")
+        if confusion is None:
+            return {}
+        support = confusion.sum(dim=1)
+        correct = confusion.diagonal()
+        details: dict[str, Any] = {
+            "per_class_accuracy": [float(c / n) if n > 0 else None for c, n in zip(correct, support)],
+            "support": [int(n) for n in support],
+        }
+        if self.opts.num_classes <= MAX_CONFUSION_CLASSES:
+            details["confusion_matrix"] = confusion.long().tolist()
+        return details
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from beitdist.backbone.config import BackboneConfig
 from beitdist.data.needs import DataNeeds
 from beitdist.heads import segmentation_formats as seg_formats
 from beitdist.heads.base import Forward, Head, HeadOutput
-from beitdist.heads.segmentation_eval import intersect_and_union, metrics_from_areas, resize_logits, slide_inference
+from beitdist.heads.segmentation_eval import (
+    intersect_and_union,
+    metrics_from_areas,
+    multiscale_flip_inference,
+    per_class_report,
+    resize_logits,
+    slide_inference,
+)
 from beitdist.hookspecs import hookimpl
 from beitdist.outputs import ModelOutput
 from beitdist.schema import check, to_dict
@@ -299,13 +306,18 @@ class SegmentationHead(Head):
 
     def evaluate_batch(self, forward: Forward, batch: Mapping[str, torch.Tensor], mode: str = "whole") -> ModelOutput:
         """mode "slide": mmseg's sliding window over the batch's images, crops of the model's input
-        size with a stride of 2/3 of it (BEiT on ADE20K: 640 / 426); otherwise the whole images."""
-        if mode != "slide":
+        size with a stride of 2/3 of it (BEiT on ADE20K: 640 / 426); "ms-flip": the same at scales
+        0.5-1.75 and mirrored, probabilities averaged (mmseg's aug_test); otherwise the whole images."""
+        if mode not in ("slide", "ms-flip"):
             return super().evaluate_batch(forward, batch, mode)
         size = self.backbone_config.image_size[0]
-        logits = slide_inference(lambda x: forward(x, None).logits, batch["pixel_values"], crop=size,
-                                 stride=size * 2 // 3, num_classes=self.opts.num_classes)
+        run = slide_inference if mode == "slide" else multiscale_flip_inference
+        logits = run(lambda x: forward(x, None).logits, batch["pixel_values"], crop=size, stride=size * 2 // 3,
+                     num_classes=self.opts.num_classes)
         return ModelOutput(logits=logits, last_hidden_state=None)
+
+    def report(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        return per_class_report(state)
 
     @classmethod
     def pictures(cls, batch: Mapping[str, torch.Tensor], model: Callable[[], BeitForTask | None]) -> dict[str, Image]:

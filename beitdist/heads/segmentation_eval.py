@@ -118,3 +118,53 @@ def slide_inference(
             summed[:, :, y1:y2, x1:x2] += resize_logits(logits.float(), (crop_h, crop_w))[:, :, :h, :w]
             count[:, :, y1:y2, x1:x2] += 1
     return summed / count
+
+
+MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+"""mmseg's (and unilm BEiT's ADE20K) multi-scale test ratios."""
+
+
+@torch.no_grad()
+def multiscale_flip_inference(
+    model: Callable[[torch.Tensor], Any],
+    pixel_values: torch.Tensor,
+    crop: int | Sequence[int],
+    stride: int | Sequence[int],
+    num_classes: int,
+    scales: Sequence[float] = MS_SCALES,
+    flip: bool = True,
+) -> torch.Tensor:
+    """Log of the softmax probabilities averaged over scales and flips, at the input's size
+    (mmseg's `aug_test`, unilm BEiT's `--aug-test`): the batch is resized (bilinear,
+    align_corners=False) by each ratio of `scales`, run by sliding windows (BEiT takes only its
+    configured input size), and again mirrored left-right; each probability map is resized back.
+    mmseg resizes the original image to each ratio of the test scale; here the ratios apply to
+    the evaluation input, which the validation transform already brought to the test scale.
+    Returned as log-probabilities, so the argmax is the prediction and cross-entropy is the
+    negative log-likelihood of the averaged prediction."""
+    height, width = pixel_values.shape[-2:]
+    total = pixel_values.new_zeros((pixel_values.shape[0], num_classes, height, width), dtype=torch.float32)
+    views = 0
+    for scale in scales:
+        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+        scaled = pixel_values if size == (height, width) else F.interpolate(
+            pixel_values, size=size, mode="bilinear", align_corners=False)
+        for mirrored in ((False, True) if flip else (False,)):
+            view = scaled.flip(-1) if mirrored else scaled
+            logits = slide_inference(model, view, crop, stride, num_classes)
+            if mirrored:
+                logits = logits.flip(-1)
+            total += resize_logits(logits, (height, width)).softmax(dim=1)
+            views += 1
+    return (total / views).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def per_class_report(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-class IoU and accuracy (None for a class absent from both labels and predictions /
+    from the labels), as mmseg's per-class table."""
+    intersect, union, label = (state[k].double().cpu() for k in AREA_KEYS)
+    return {
+        "per_class_iou": [float(i / u) if u > 0 else None for i, u in zip(intersect, union)],
+        "per_class_accuracy": [float(i / n) if n > 0 else None for i, n in zip(intersect, label)],
+        "pixels_per_class": [int(n) for n in label],
+    }

@@ -357,3 +357,34 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, trust_pickle: bool = False
     tag_dir = Path(ckpt_dir) / tag
     engine_checkpoints = importlib.import_module(ENGINE_CHECKPOINTS[checkpoint_backend(tag_dir)])
     return engine_checkpoints.consolidate(tag_dir, trust_pickle=trust_pickle)
+
+
+def run_recipe(run_dir: Path) -> dict[str, Any] | None:
+    """The recipe a run trained with (as its newest complete checkpoint saved it, after `--set`
+    and `inherit:`), or None when the run has no readable checkpoint."""
+    from beitdist.run.rundir import RunDir
+
+    layout = RunDir(run_dir)
+    for tag in complete_tags(layout.checkpoints, quiet=True):
+        try:
+            recipe = json.loads(layout.state_file(tag).read_text()).get("recipe")
+        except (OSError, ValueError):
+            continue
+        if isinstance(recipe, dict):
+            return recipe
+    return None
+
+
+def run_world_size(run_dir: Path) -> int | None:
+    """How many ranks the run trained on (its validation split was sharded that way)."""
+    from beitdist.run.rundir import RunDir
+
+    layout = RunDir(run_dir)
+    try:
+        size = json.loads(layout.result_file.read_text()).get("world_size")
+        if isinstance(size, int) and size > 0:
+            return size
+    except (OSError, ValueError):
+        pass
+    tags = complete_tags(layout.checkpoints, quiet=True)
+    return saved_world_size(layout.tag(tags[0])) if tags else None

@@ -10,6 +10,7 @@
       mlflow_run_id           the MLflow run this run directory logs to, across restarts
       launch.json             when `beitdist launch` started and when Ray was up
       workers/rank_R.json     which node, host and process runs each rank (Ray)
+      eval/<mode>.json        `beitdist evaluate`'s results (metrics, per class, confusion matrix)
 
 The on-disk names are fixed: runs written by earlier versions must still resume. Other modules ask
 a `RunDir` (or its class constants) instead of spelling these names; tests/test_rundir.py checks.
@@ -34,6 +35,7 @@ class RunDir:
     MLFLOW_RUN_ID = "mlflow_run_id"
     LAUNCH = "launch.json"
     WORKERS = "workers"
+    EVAL = "eval"
 
     MARKERS = (CHECKPOINTS, FINAL, RESULT, MLFLOW_DB, LAUNCH, PROGRESS, MLFLOW_RUN_ID)
     """Names only a training run directory holds: such a directory is never replaced
@@ -98,6 +100,11 @@ class RunDir:
 
     def worker_record(self, rank: int) -> Path:
         return self.workers / f"rank_{rank}.json"
+
+    # ------------------------------------------------------------ evaluation
+    def evaluation(self, mode: str) -> Path:
+        """`eval/<mode>.json`: what `beitdist evaluate` measured in that eval mode."""
+        return self.path / self.EVAL / f"{mode}.json"
 
     # ------------------------------------------------------------ recognition
     @classmethod

@@ -272,12 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_cmd_plan)
 
     from beitdist.evaluate import add_evaluate_cli
+    from beitdist.predict import add_predict_cli
     from beitdist.recipe_cli import add_validate_cli
     from beitdist.recipe_schema import add_schema_cli
     from beitdist.tokenizers.fit import add_tokenizer_cli
 
     add_validate_cli(commands)
     add_evaluate_cli(commands)
+    add_predict_cli(commands)
     add_schema_cli(commands)
     add_tokenizer_cli(commands)
 

@@ -71,6 +71,12 @@ class DatasetPlugin:
         (a stream of shards, an unlabelled set)."""
         return None
 
+    @classmethod
+    def label_names(cls, options: Any) -> list[str] | None:
+        """The name of each class id (what `beitdist predict` writes), when known without decoding
+        any sample; None: unknown (predictions then name classes by their ids)."""
+        return None
+
 
 def contract_problems(cls: Any) -> list[str]:
     """What a class registered as a dataset lacks; empty when it honours the contract."""

@@ -115,6 +115,10 @@ class Digits(DatasetPlugin):
         return DigitsDataset.num_classes
 
     @classmethod
+    def label_names(cls, options: DigitsOptions) -> list[str]:
+        return [str(digit) for digit in range(DigitsDataset.num_classes)]
+
+    @classmethod
     def build(cls, options: DigitsOptions, split: str, transform: Callable[..., Any] | None = None) -> DigitsDataset:
         images, labels = load_digits_arrays()
         train, val = stratified_split(labels, options.val_fraction, options.seed, options.train_fraction)
@@ -225,6 +229,11 @@ class ImageFolder(DatasetPlugin):
     @classmethod
     def num_classes(cls, options: ImageFolderOptions) -> int:
         return len(cls.classes(options))
+
+    @classmethod
+    def label_names(cls, options: ImageFolderOptions) -> list[str]:
+        """The class directory names, in label-id order (torchvision's ImageFolder)."""
+        return cls.classes(options)
 
     @classmethod
     def classes(cls, options: ImageFolderOptions) -> list[str]:

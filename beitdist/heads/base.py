@@ -87,6 +87,10 @@ class Head(nn.Module):
     uses_mask: ClassVar[bool] = False
     data_needs: ClassVar[DataNeeds] = CLASS_LABELS
     """What its batches contain; see `beitdist.data.needs`."""
+    prediction: ClassVar[Literal["classes", "label_map"] | None] = None
+    """What `beitdist predict` writes for it: "classes" (top-k class ids over `logits` (B, C), as
+    a CSV), "label_map" (per-pixel classes from `logits` (B, C, h, w), as PNGs at the input's
+    size), or None: the head predicts nothing a file can hold (masked image modeling)."""
     block_indices: tuple[int, ...] = ()
     """For `needs == "pyramid"`: the 0-based blocks whose outputs `forward` receives."""
 

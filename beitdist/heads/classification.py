@@ -44,6 +44,7 @@ class ClassificationHead(Head):
     Options = ClassificationOptions
     needs = "pooled"
     pooling = ("mean", "cls")
+    prediction = "classes"
     hf_architecture = "BeitForImageClassification"
     hf_keys = KeyMap((("classifier", "head.classifier"),))
     unilm_keys = KeyMap((("head", "head.classifier"),))  # unilm's and timm's `head` Linear

@@ -243,6 +243,7 @@ class SegmentationHead(Head):
     name = "segmentation"
     Options = SegmentationOptions
     needs = "pyramid"
+    prediction = "label_map"
     pooling = ("none",)
     data_needs = DataNeeds(labels="map")
     hf_architecture = "BeitForSemanticSegmentation"

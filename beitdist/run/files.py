@@ -37,16 +37,16 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    """Replace `path` with `text` so that readers (and a crash) see the old content or the new,
+def write_atomic(path: Path, text: str | bytes, durable: bool = True) -> None:
+    """Replace `path` with `text` (or bytes) so that readers (and a crash) see the old content or the new,
     never a mix; when the write fails (disk full) the temporary file is removed and the old
     content stays as it was. `durable=False` skips the fsyncs, for files rewritten every second
     whose loss on power failure costs nothing (progress)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

@@ -37,6 +37,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     head_options = apply_overrides({}, args.head_option, where="--head-option")  # the --set grammar
     model = load_model(args.source, head=head, head_options=head_options, new_head=args.new_head,
                        trust_pickle=args.trust_pickle, **overrides)
+    if args.to == "onnx":
+        from beitdist.onnx_export import ONNX_OPSET, export_onnx, preprocessing_of
+
+        out, check = export_onnx(model, args.output, preprocessing=preprocessing_of(args.source, model),
+                                 overwrite=args.overwrite, sources=(args.source,))
+        print(f"wrote ONNX export {out}: opset {ONNX_OPSET}, input pixel_values (batch, {model.config.in_chans}, "
+              f"{model.config.image_size[0]}, {model.config.image_size[1]}), head {model.head_name}; onnxruntime "
+              f"{check.onnxruntime} vs PyTorch on batches {' and '.join(map(str, check.batches))}: max abs diff "
+              f"{check.max_abs_diff:.2e}")
+        return EXIT_OK
     writer = export_hf if args.to == "hf" else save_checkpoint
     out = writer(model, args.output, overwrite=args.overwrite)
     config = model.config
@@ -215,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "or a training run / DeepSpeed checkpoint directory (ZeRO shards are consolidated)")
     convert.add_argument("output", help="a new (or empty) output directory, written atomically; never the source, "
                          "a run directory or a directory holding other files")
-    convert.add_argument("--to", choices=["hf", "beitdist"], default="hf")
+    convert.add_argument("--to", choices=["hf", "beitdist", "onnx"], default="hf",
+                         help="hf: a transformers directory; beitdist: beitdist's checkpoint; onnx: model.onnx "
+                         "(dynamic batch, checked against PyTorch with onnxruntime) + preprocessing.json")
     convert.add_argument("--head", default="auto",
                          help="head to build: auto (the checkpoint's own, default), none (backbone only), "
                          "or a registered head (see `beitdist plugins`)")

@@ -30,11 +30,12 @@ from beitdist.run.rundir import RunDir
 CHECKPOINT_FILES: dict[str, frozenset[str]] = {
     "beitdist": frozenset({"beitdist_config.json", "model.safetensors"}),
     "hf": frozenset({"config.json", "model.safetensors", "pytorch_model.bin"}),
+    "onnx": frozenset({"model.onnx", "preprocessing.json"}),
 }
 """The files a checkpoint of each kind consists of (`KIND_MARKERS` names the kind)."""
 
-KIND_MARKERS = {"beitdist": "beitdist_config.json", "hf": "config.json"}
-KIND_NAMES = {"beitdist": "beitdist checkpoint", "hf": "transformers directory"}
+KIND_MARKERS = {"beitdist": "beitdist_config.json", "hf": "config.json", "onnx": "model.onnx"}
+KIND_NAMES = {"beitdist": "beitdist checkpoint", "hf": "transformers directory", "onnx": "ONNX export"}
 
 
 class OutputError(InputError):
@@ -44,7 +45,7 @@ class OutputError(InputError):
 def _kind_of(directory: Path) -> str | None:
     # a beitdist checkpoint is tested first: its directory may not hold a config.json, but an HF
     # directory never holds beitdist_config.json
-    for kind in ("beitdist", "hf"):
+    for kind in ("beitdist", "hf", "onnx"):
         if (directory / KIND_MARKERS[kind]).is_file():
             return kind
     return None

@@ -113,6 +113,15 @@ def _label_names(source: Path, model: Any, recipe: Any) -> list[str] | None:
 
 def load_predictor(source: str, trust_pickle: bool = False) -> Predictor:
     from beitdist.checkpoint import load_model
+
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{source}: no such file or directory")
+    return predictor_for(source, load_model(source, "auto", trust_pickle=trust_pickle))
+
+
+def predictor_for(source: str, model: Any) -> Predictor:
+    """The model with the preprocessing and class names its source implies."""
     from beitdist.data.pipeline import AugmentConfig
     from beitdist.data.presets import eval_processor
     from beitdist.data.processor import ImageProcessor
@@ -121,9 +130,6 @@ def load_predictor(source: str, trust_pickle: bool = False) -> Predictor:
     from beitdist.run.rundir import RunDir
 
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{source}: no such file or directory")
-    model = load_model(source, "auto", trust_pickle=trust_pickle)
     if model.head is None or model.head.prediction is None:
         what = "a backbone without a head" if model.head is None else f"a {model.head.name!r} head"
         raise InputError(f"{source}: holds {what}, which predicts nothing to write; beitdist predict takes a model "

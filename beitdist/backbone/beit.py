@@ -158,7 +158,8 @@ class Beit(nn.Module):
             return outputs
         height, width = self.config.grid_size
         batch = pixel_values.shape[0]
-        return [x[:, 1:].transpose(1, 2).reshape(batch, -1, height, width).contiguous() for x in outputs]
+        dim = self.config.embed_dim  # not -1: ONNX shape inference must know the channels (the head's pooling)
+        return [x[:, 1:].transpose(1, 2).reshape(batch, dim, height, width).contiguous() for x in outputs]
 
     def _check_input(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> None:
         config = self.config

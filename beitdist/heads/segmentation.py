@@ -174,6 +174,31 @@ class ConvModule(nn.Module):
         return self.activate(self.bn(self.conv(x)))
 
 
+def _average_bins(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """(out, size) matrix averaging adaptive pooling's bins: bin i covers [floor(i * size / out),
+    ceil((i + 1) * size / out)), as torch's adaptive_avg_pool2d."""
+    matrix = torch.zeros(out, size, dtype=like.dtype, device=like.device)
+    for i in range(out):
+        start, end = (i * size) // out, -(-(i + 1) * size // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class PyramidPool(nn.AdaptiveAvgPool2d):
+    """`nn.AdaptiveAvgPool2d`; under ONNX export the same bins as two averaging matmuls, since
+    ONNX pooling cannot give output sizes that do not divide the input (UperNet's 3 and 6 bins
+    of a 20x20 map)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        size: Any = self.output_size
+        out_h, out_w = (size, size) if isinstance(size, int) else size
+        rows = _average_bins(int(x.shape[-2]), int(out_h or x.shape[-2]), x)
+        cols = _average_bins(int(x.shape[-1]), int(out_w or x.shape[-1]), x)
+        return rows @ x @ cols.transpose(0, 1)
+
+
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -185,7 +210,7 @@ class UperNetHead(nn.Module):
         super().__init__()
         sync = opts.sync_batchnorm
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvModule(dim, channels, 1, sync)) for scale in opts.pool_scales
+            nn.Sequential(PyramidPool(scale), ConvModule(dim, channels, 1, sync)) for scale in opts.pool_scales
         )
         self.bottleneck = ConvModule(dim + len(opts.pool_scales) * channels, channels, 3, sync, padding=1)
         self.lateral_convs = nn.ModuleList(ConvModule(dim, channels, 1, sync) for _ in range(3))

@@ -122,7 +122,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     resuming = resume_line(recipe)
     if resuming:
         print(resuming)
-    result = launch(recipe, address=address)
+    result = launch(recipe, address=address, verbose=args.verbose)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["metrics"].items()))
     print(f"finished {recipe.name} at step {result['step']}: {metrics}")
     print(f"final weights: {result['final_dir']}")

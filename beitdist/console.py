@@ -43,7 +43,8 @@ def world_note(recipe: Recipe, world_size: int) -> str | None:
 
 class ProgressBar:
     """A live one-line bar on the driver (step, loss, images/s, ETA), fed by the progress file rank 0
-    writes about once a second; on a non-terminal it prints a line every 30 s instead."""
+    writes about once a second; on a non-terminal it prints a line every 30 s instead. Each
+    evaluation and each checkpoint gets a line of its own, above the bar."""
 
     def __init__(self, path: Path, stream: Any = None) -> None:
         self.path, self.stream = path, stream or sys.stderr
@@ -54,6 +55,8 @@ class ProgressBar:
         self.started = time.time() - 1.0  # file times have coarse resolution on some file systems
         self.printed: str | None = None
         """The last line written on a non-terminal."""
+        self.announced: dict[str, int] = {}
+        """The step of the last evaluation and checkpoint a line was printed for."""
 
     def __enter__(self) -> ProgressBar:
         self.thread.start()
@@ -62,6 +65,7 @@ class ProgressBar:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+        self._announce()
         final = self.render()  # the last state always shows, however short the run
         if self.tty:
             if final is not None and final != self.last:
@@ -72,12 +76,42 @@ class ProgressBar:
             self.stream.write(final + "\n")
         self.stream.flush()
 
-    def render(self) -> str | None:
+    def _read(self) -> dict[str, Any] | None:
         try:
             if self.path.stat().st_mtime < self.started:  # a line of an earlier attempt: not this run's
                 return None
-            p = json.loads(self.path.read_text())
+            progress = json.loads(self.path.read_text())
         except (OSError, ValueError):
+            return None
+        return progress if isinstance(progress, dict) else None
+
+    def events(self, p: dict[str, Any]) -> list[str]:
+        """Lines for an evaluation or a checkpoint not announced yet."""
+        lines = []
+        step = p.get("eval_step")
+        if step is not None and self.announced.get("eval") != step:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(p.items()) if k.startswith("val_"))
+            lines.append(f"step {step} eval: {metrics}")
+            self.announced["eval"] = step
+        step = p.get("checkpoint_step")
+        if step is not None and self.announced.get("checkpoint") != step:
+            lines.append(f"step {step} checkpoint: {p.get('checkpoint', '')}")
+            self.announced["checkpoint"] = step
+        return lines
+
+    def _announce(self) -> None:
+        p = self._read()
+        lines = self.events(p) if p is not None else []
+        for line in lines:
+            self.stream.write(("\r\033[K" if self.tty else "") + line + "\n")
+        if lines:
+            if self.tty and self.last:
+                self.stream.write(self.last[:150])
+            self.stream.flush()
+
+    def render(self) -> str | None:
+        p = self._read()
+        if p is None:
             return None
         width = 24
         filled = int(width * p["step"] / max(p["steps"], 1))
@@ -89,6 +123,7 @@ class ProgressBar:
     def _loop(self) -> None:
         printed_at = 0.0
         while not self.stop.wait(1.0):
+            self._announce()
             line = self.render()
             if line is None or line == self.last:
                 continue

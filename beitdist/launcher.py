@@ -140,7 +140,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from beitdist.distributed import DistInfo
 
+    from beitdist.ray_worker_setup import verbose
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # the driver prints rank 0's progress, evaluations and checkpoints; the workers say only
+    # warnings and errors unless the launch is verbose
+    logging.getLogger("beitdist").setLevel(logging.INFO if verbose() else logging.WARNING)
     # DeepSpeed's accelerator must match the resources Ray gave this worker: set before anything
     # imports DeepSpeed, overriding a DS_ACCELERATOR the driver's environment passed down
     os.environ["DS_ACCELERATOR"] = "cuda" if config.get("use_gpu") else "cpu"
@@ -264,7 +269,7 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str]) -> None:
+def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str], verbose: bool = False) -> None:
     import ray
 
     if address:
@@ -273,19 +278,24 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
         return
     runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK}
     try:
+        # the driver's own Ray logger at WARNING: "Started a local Ray instance" and the like are not news
+        level = logging.INFO if verbose else logging.WARNING
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=level)
         else:
-            ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True,
+                     logging_level=level)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
         where = address or "a local Ray instance"
         raise LaunchError(f"cannot connect to {where}: {str(err).splitlines()[0]}") from None
 
 
-def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
+def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run `recipe` on Ray (a local instance sized to this machine, or the cluster at `address`);
-    returns the run's train_result.json."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    returns the run's train_result.json. `verbose`: every Ray process logs at INFO (`-v`)."""
+    from beitdist.ray_worker_setup import VERBOSE_ENV
+
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started_at = time.time()
@@ -295,8 +305,10 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
     env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling.num_workers))}
     if (pythonpath := checkout_pythonpath()) is not None:
         env_vars["PYTHONPATH"] = pythonpath
+    if verbose:
+        env_vars[VERBOSE_ENV] = "1"
     num_cpus = None if address else max(os.cpu_count() or 1, scaling.num_workers + 1)
-    _init_ray(address, num_cpus, env_vars)
+    _init_ray(address, num_cpus, env_vars, verbose)
     use_gpu = uses_gpu(recipe, _cluster_gpus() if address else None)
     if address and use_gpu != uses_gpu(recipe):
         log.info("the cluster at %s %s GPUs: the workers train on %s (scaling.use_gpu: auto)", address,
@@ -311,8 +323,11 @@ def launch(recipe: Recipe, address: str | None = None) -> dict[str, Any]:
         train_loop_config={"recipe": recipe.to_dict(), "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
-        run_config=RunConfig(name=recipe.name, storage_path=str(output_dir),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures)),
+        run_config=RunConfig(  # type: ignore[call-arg]  # Ray Train v2's RunConfig; mypy resolves v1's
+            name=recipe.name, storage_path=str(output_dir),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            # Ray Train's per-report dicts and set-up lines: the progress bar says it shorter
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     from ray.train import TrainingFailedError

@@ -9,6 +9,14 @@ nothing about and that reads like a failure:
 - DeepSpeed calls torch's deprecated `all_gather_into_tensor`, a FutureWarning on every save.
 - MLflow announces at INFO that it creates the tables of a new sqlite store.
 
+Ray Train's own INFO lines (the worker group's set-up) are turned off by the launcher through Ray
+Train's `RunConfig(logging_config=...)`, not here: Ray Train configures its `ray.train` loggers
+after this hook runs. One is outside that tree: the line per `ray.train.report` call ("Reporting
+training result N: TrainingReport(...)", from every rank) comes from a logger named by its file's
+path (ray/train/v2/_internal/execution/context.py: `logging.getLogger(__file__)`), so this hook
+sets that logger to WARNING. `VERBOSE_ENV` tells every process of a verbose launch
+(`beitdist -v launch`) to keep all of it.
+
 This module imports only the standard library: most Ray processes of a launch never train and
 must not pay for importing torch.
 """
@@ -16,15 +24,35 @@ must not pay for importing torch.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
+VERBOSE_ENV = "BEITDIST_VERBOSE"
+"""Set to 1 in the workers' environment by a verbose launch: every process logs at INFO."""
 QUIET_LOGGERS = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
                  "mlflow.store.db.utils": logging.WARNING}
 IGNORED_WARNINGS = ((FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),)
 
 
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def _report_logger_name() -> str | None:
+    """The name of Ray Train's per-report logger (its module's file path), without importing Ray
+    Train: this hook runs in every Ray process."""
+    ray_file = getattr(sys.modules.get("ray"), "__file__", None)
+    if not ray_file:
+        return None
+    return os.path.join(os.path.dirname(ray_file), "train", "v2", "_internal", "execution", "context.py")
+
+
 def quiet_ray_internals() -> None:
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    report_logger = _report_logger_name()
+    if report_logger is not None and not verbose():
+        logging.getLogger(report_logger).setLevel(logging.WARNING)
     for category, message in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

@@ -274,6 +274,9 @@ class Tracker:
     def _log_params(self, existing: Mapping[str, str]) -> None:
         """Params are write-once in MLflow: log the missing ones only, say which ones changed."""
         flat = flatten(_plain(self.context.recipe))
+        gflops = getattr(self.context, "extras", {}).get("gflops_per_image")
+        if gflops:  # the model's forward cost, for reading tflops_per_rank / mfu
+            flat["model.gflops_per_image"] = f"{gflops:.4g}"
         changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
         if changed:
             log.warning("recipe values changed since MLflow run %s started (params stay as first logged): %s",

@@ -58,3 +58,21 @@ def images():
         return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quickstart_launch(tmp_path_factory):
+    """The README's main job, once per session: `beitdist launch recipes/quickstart.yaml` (700
+    steps, 2 Ray workers; ~2.5 min on 2 cores) into a temporary output_dir. Returns (run
+    directory, the completed process with its console output)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("quickstart")
+    done = subprocess.run([sys.executable, "-m", "beitdist", "launch", str(root / "recipes" / "quickstart.yaml"),
+                           "--set", f"output_dir={out}"], capture_output=True, text=True, cwd=out, timeout=1200,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return out / "quickstart", done

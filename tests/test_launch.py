@@ -111,15 +111,16 @@ def test_worker_failures_are_unwrapped_into_one_line_with_the_right_exit_code(tm
 
 def test_ray_worker_setup_hook_is_light_and_quiets_only_the_noise():
     """The hook Ray runs first in every process of a launch: importable without torch (most of
-    those processes never train), and it quiets exactly the listed loggers and warning."""
+    those processes never train), and it quiets exactly the listed loggers (Ray Train's
+    per-report logger among them, unless the launch is verbose) and warning."""
     from beitdist.launcher import WORKER_SETUP_HOOK
 
     module, _, function = WORKER_SETUP_HOOK.rpartition(".")
-    probe = (f"import sys, logging, warnings; import {module} as m; assert 'torch' not in sys.modules, 'torch imported'; "
+    probe = (f"import sys, logging, warnings; import ray; import {module} as m; assert 'torch' not in sys.modules, 'torch imported'; "
              f"m.{function}(); "
              "assert logging.getLogger('ray.train.v2._internal.execution.controller.placement_group_cleaner')"
              ".getEffectiveLevel() == logging.ERROR; "
-             "assert logging.getLogger('ray.train').getEffectiveLevel() == logging.WARNING; "
+             "assert logging.getLogger(m._report_logger_name() or '').level == logging.WARNING; "
              "warnings.warn('`torch.distributed.all_gather_into_tensor` is deprecated', FutureWarning); "
              "print('ok')")
     done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", probe], capture_output=True, text=True,

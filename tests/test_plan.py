@@ -431,3 +431,21 @@ def test_frozen_parameters_have_weights_but_no_gradients_or_optimizer_states() -
     from beitdist.launcher import make_plan
 
     assert "trainable, the rest frozen by model.freeze" in make_plan(recipe, use_gpu=True).describe(recipe)
+
+
+def test_forward_flops_match_the_hand_count_and_the_published_beit_b():
+    from beitdist.backbone.config import variant
+    from beitdist.plan import forward_flops, peak_flops
+
+    cfg = variant("tiny", image_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    n, d, hidden = 1 + 16, 64, 256
+    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
+    hand = 2 * per_block + 2 * 16 * (3 * 8 * 8) * d + 2 * d * 10
+    assert forward_flops(cfg, "classification", {"num_classes": 10}) == hand
+    base = forward_flops(variant("base"), "classification", {"num_classes": 1000})
+    assert round(base / 2e9, 1) == 17.6  # BEiT-B/16 at 224: 17.6 G multiply-adds
+    assert forward_flops(variant("tiny", image_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2),
+                         "segmentation", {"num_classes": 5, "channels": 16, "auxiliary_channels": 8,
+                                          "block_indices": [0, 1, 2, 3]}) > 0
+    assert peak_flops("NVIDIA H200", "bf16") == 989e12 and peak_flops("NVIDIA H200", "fp32") is None
+    assert peak_flops("Some GPU", "bf16") is None

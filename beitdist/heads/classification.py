@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,9 @@ from beitdist.hookspecs import hookimpl
 from beitdist.schema import check
 
 if TYPE_CHECKING:
-    from beitdist.model import ModelOutput
+    from PIL.Image import Image
+
+    from beitdist.model import BeitForTask, ModelOutput
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,28 @@ class ClassificationHead(Head):
         if self.opts.num_classes <= MAX_CONFUSION_CLASSES:
             details["confusion_matrix"] = confusion.long().tolist()
         return details
+
+    @classmethod
+    def pictures(cls, batch: Mapping[str, torch.Tensor], model: Callable[[], BeitForTask | None]) -> dict[str, Image]:
+        """`labelled.png`: the examples with their true class and, with a trained model, its
+        prediction (green when right, red when wrong)."""
+        from beitdist.heads.pictures import labelled_grid, pixels
+
+        images, labels = pixels(batch), batch["labels"]
+        if labels.is_floating_point():  # mixup / cutmix targets: the dominant class
+            labels = labels.argmax(dim=-1)
+        true = [str(int(v)) for v in labels]
+        predicted = None
+        trained = model()
+        if trained is not None:
+            param, was_training = next(trained.parameters()), trained.training
+            try:
+                with torch.no_grad():
+                    logits = trained.eval()(images.to(param.device, param.dtype)).logits
+            finally:
+                trained.train(was_training)
+            predicted = [str(int(v)) for v in logits.argmax(dim=-1).cpu()]
+        return {**super().pictures(batch, model), "labelled.png": labelled_grid(images, true, predicted)}
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:

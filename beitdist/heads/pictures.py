@@ -78,3 +78,29 @@ def dense_classes(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     finally:
         model.train(was_training)
     return F.interpolate(logits, size=images.shape[-2:], mode="bilinear").argmax(1).cpu()
+
+
+def labelled_grid(images: torch.Tensor, true: list[str], predicted: list[str] | None = None, columns: int = 4
+                  ) -> Image:
+    """The images in a grid, each captioned with its true label and, when given, the predicted one
+    (green when they agree, red when not)."""
+    from PIL import Image, ImageDraw
+
+    tiles = [to_image(x) for x in images]
+    width, height = max(t.width for t in tiles), max(t.height for t in tiles)
+    caption = 14
+    columns = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    grid = Image.new("RGB", (columns * width, rows * (height + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.fontmode = "1"  # crisp captions: exactly the two colours, readable at PIL's small default font
+    for i, tile in enumerate(tiles):
+        x, y = (i % columns) * width, (i // columns) * (height + caption)
+        grid.paste(tile, (x, y))
+        text = f"true {true[i]}"
+        colour = (0, 0, 0)
+        if predicted is not None:
+            text += f" / pred {predicted[i]}"
+            colour = (0, 128, 0) if predicted[i] == true[i] else (200, 0, 0)
+        draw.text((x + 2, y + height + 1), text, fill=colour)
+    return grid

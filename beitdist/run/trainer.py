@@ -30,6 +30,7 @@ from beitdist.events import TrainContext
 from beitdist.freeze import freeze
 from beitdist.model import BeitForTask, ModelOutput, build_model
 from beitdist.optim import Schedule, apply_schedule, param_groups
+from beitdist.plan import forward_flops, peak_flops
 from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
 from beitdist.run.checkpoint_writer import CheckpointWriter
@@ -76,6 +77,8 @@ class Trainer:
         self.ckpt_dir = self.layout.checkpoints
         self.losses: list[float] = []
         self.eval_history: list[dict[str, float]] = []  # every evaluation of the run, kept across resumes
+        self._events: dict[str, Any] = {}
+        """The last evaluation's and checkpoint's step (and path), for the progress file."""
         # wall-clock marks (epoch seconds) and the seconds of each loop iteration of this attempt
         # without its evaluation and checkpoint: start-up vs per-step framework overhead
         # (benchmarks/launch_overhead.py, benchmarks/zero_scaling.py)
@@ -126,8 +129,10 @@ class Trainer:
         self.evaluator = Evaluator(self.engine, self.module, self.val_loader, self._prepare, self.device, self.rank,
                                    recipe.train.eval_mode)
         self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints)
+        self.flops_per_image, self.peak_flops = self._flops(backbone)
         self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
-                                    extras={"resumed_step": self.step})
+                                    extras={"resumed_step": self.step, "gflops_per_image": (
+                                        self.flops_per_image / 1e9 if self.flops_per_image else None)})
         self.timing.update(setup_done_at=time.time(), first_timed_step=self.step + 1)
 
     def _resume_tag(self) -> str | None:
@@ -172,6 +177,20 @@ class Trainer:
         log.info("resumed from %s at step %d", tag, self.step)
 
     # ------------------------------------------------------------------- data
+    def _flops(self, backbone: Any) -> tuple[int | None, float | None]:
+        """Rank 0: one image's forward FLOPs (for achieved TFLOP/s) and this GPU's peak (for MFU)."""
+        if self.rank != 0:
+            return None, None
+        try:
+            flops = forward_flops(backbone, self.recipe.head.name, self.recipe.head.options)
+        except Exception as err:  # a head the meta device cannot run: no throughput in FLOPs, nothing else lost
+            log.info("model FLOPs not counted (%s: %s)", type(err).__name__, err)
+            return None, None
+        peak = None
+        if self.device.type == "cuda":
+            peak = peak_flops(torch.cuda.get_device_name(self.device), self.recipe.engine.precision)
+        return flops, peak
+
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches forever; the loader moves to the next epoch after each full pass and
         counts what it delivered, so its state_dict() is exactly where a resumed run continues."""
@@ -237,6 +256,11 @@ class Trainer:
         # the tokenizer for MIM): near zero when the loader keeps up, the first thing to look at when not
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                    "images_per_s": images / (time.perf_counter() - start), "data_s": data_s}
+        if self.flops_per_image:  # forward + backward ~ 3 forwards (activation recomputation not counted)
+            achieved = 3 * self.flops_per_image * metrics["images_per_s"]
+            metrics["tflops_per_rank"] = achieved / 1e12
+            if self.peak_flops:
+                metrics["mfu"] = achieved / self.peak_flops
         if self.device.type == "cuda":
             # this rank's peak so far (allocated by tensors, not the allocator's cache): what
             # `beitdist plan` predicts, and what decides the batch size a GPU can hold
@@ -267,17 +291,21 @@ class Trainer:
         dist.barrier()
         return _result_from(result_file)
 
-    def _write_progress(self, step_metrics: Mapping[str, float], eval_metrics: Mapping[str, float]) -> None:
-        """Rank 0, at most once a second: what the launcher's progress bar shows."""
+    def _write_progress(self, step_metrics: Mapping[str, float], eval_metrics: Mapping[str, float],
+                        force: bool = False) -> None:
+        """Rank 0, at most once a second (and after each evaluation and checkpoint): what the
+        launcher's progress bar shows, and the events it prints a line for."""
         now = time.monotonic()
-        if self.rank != 0 or now - getattr(self, "_progress_at", 0.0) < 1.0 and self.step < self.recipe.train.steps:
+        if self.rank != 0 or (not force and now - getattr(self, "_progress_at", 0.0) < 1.0
+                              and self.step < self.recipe.train.steps):
             return
         if not hasattr(self, "_started"):
             self._started, self._start_step = now, self.step - 1
         done = max(self.step - self._start_step, 1)
         eta = (now - self._started) / done * (self.recipe.train.steps - self.step)
         progress = {"step": self.step, "steps": self.recipe.train.steps, "loss": step_metrics["loss"],
-                    "images_per_s": step_metrics["images_per_s"], "eta_s": eta, **eval_metrics}
+                    "images_per_s": step_metrics["images_per_s"], "eta_s": eta, **eval_metrics,
+                    **self._events}
         self._progress_at = now
         try:  # what a progress bar shows is not worth a run: a full disk is reported by the next save
             self.run_dir.mkdir(parents=True, exist_ok=True)  # before the first checkpoint it may not exist yet
@@ -343,11 +371,15 @@ class Trainer:
                 if self.rank == 0:
                     log.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
                 plugins.emit("beitdist_on_eval_end", context=self.context, step=self.step, metrics=metrics)
+                self._events["eval_step"] = self.step
             saving = last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0)
             if saving:
                 checkpoint = self.save({**step_metrics, **metrics})
                 if self.reporter is not None:
                     self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
+                self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
+            if self.step in (self._events.get("eval_step"), self._events.get("checkpoint_step")):
+                self._write_progress(step_metrics, metrics, force=True)
             side_s = time.perf_counter() - side_start
             if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)

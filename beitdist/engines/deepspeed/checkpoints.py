@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from beitdist.engines.deepspeed.importing import import_deepspeed
+from beitdist.engines.deepspeed.output import printed_to_log
 
 MODEL_STATES = "*model_states.pt"
 OPTIM_STATES = "*optim_states.pt"
@@ -82,12 +83,14 @@ def _zero_state_dict(tag_dir: Path, trust_pickle: bool) -> dict[str, torch.Tenso
     from deepspeed.utils import zero_to_fp32
 
     if trust_pickle:
-        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with printed_to_log("zero_to_fp32"):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     reader = _WeightsOnlyTorch(lambda path, mmap: _load(path, trust_pickle=False, mmap=mmap))
     with _reader_lock:  # the module attribute is process-wide: one consolidation at a time
         real, zero_to_fp32.torch = zero_to_fp32.torch, reader
         try:
-            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            with printed_to_log("zero_to_fp32"):
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         finally:
             zero_to_fp32.torch = real
     unread = {p.name for pattern in (MODEL_STATES, OPTIM_STATES) for p in tag_dir.glob(pattern)} - reader.read

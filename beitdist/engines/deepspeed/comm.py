@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from beitdist.distributed import DistInfo, rendezvous_env, select_device, uses_cuda
 from beitdist.engines.deepspeed.importing import import_deepspeed
+from beitdist.engines.deepspeed.output import printed_to_log
 
 
 def init_distributed(dist_info: DistInfo) -> None:
@@ -20,11 +21,12 @@ def init_distributed(dist_info: DistInfo) -> None:
     with its backend."""
     select_device(dist_info)
     deepspeed = import_deepspeed()
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-    else:
-        comm = rendezvous_env(dist_info)
-        deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False, verbose=False)
+    with printed_to_log("deepspeed.init_distributed"):  # "... shm_comm_op built successfully"
+        if dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+        else:
+            comm = rendezvous_env(dist_info)
+            deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False, verbose=False)
     _release_shm_buffer()
 
 

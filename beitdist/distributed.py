@@ -98,7 +98,9 @@ def rendezvous_env(dist_info: DistInfo) -> str:
     port = dist_info.master_port or free_port()
     os.environ.update(
         RANK=str(dist_info.rank), WORLD_SIZE=str(dist_info.world_size), LOCAL_RANK=str(dist_info.local_rank),
-        LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(dist_info.world_size)),
+        # ranks on this node: DeepSpeed's CPU shared-memory all-reduce is used only when it equals
+        # the world size (every rank on one machine); a multi-node torchrun says it per node
+        LOCAL_SIZE=os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or str(dist_info.world_size),
         MASTER_ADDR=dist_info.master_addr, MASTER_PORT=str(port),
     )
     return "nccl" if uses_cuda() else "gloo"

@@ -81,3 +81,19 @@ def test_tf32_is_a_recipe_switch_for_cuda_matmuls_only(monkeypatch):
     assert cuda_tf32()
     if new_api:
         assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
+
+
+@pytest.mark.parametrize("env, expected", [({}, "4"), ({"LOCAL_WORLD_SIZE": "2"}, "2"),
+                                           ({"LOCAL_SIZE": "1", "LOCAL_WORLD_SIZE": "2"}, "1")])
+def test_local_size_is_the_ranks_of_this_node(monkeypatch, env, expected):
+    """DeepSpeed's CPU shared-memory all-reduce runs only when LOCAL_SIZE equals the world size:
+    a two-node torchrun (LOCAL_WORLD_SIZE 2 of 4) must not wait for the other node's buffers."""
+    import os
+
+    from beitdist.distributed import DistInfo, rendezvous_env
+
+    names = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    environ = {k: v for k, v in os.environ.items() if k not in names}
+    monkeypatch.setattr(os, "environ", {**environ, **env})  # rendezvous_env writes the process environment
+    rendezvous_env(DistInfo(rank=1, world_size=4, local_rank=1, master_port=29999))
+    assert os.environ["LOCAL_SIZE"] == expected and os.environ["WORLD_SIZE"] == "4"

@@ -74,6 +74,8 @@ def test_evaluate_writes_per_class_details_into_the_run_and_logs_to_its_mlflow_r
     assert run.data.metrics["eval_whole_top1"] == record["metrics"]["val_top1"]
     # the training run logged its model's cost and the achieved throughput in FLOPs
     assert float(run.data.params["model.gflops_per_image"]) > 0 and run.data.metrics["tflops_per_rank"] > 0
+    # and its pictures: validation examples with their true and predicted classes
+    assert "pictures/labelled.png" in {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/whole.json", "evaluation/whole.confusion.png"} <= artifacts
 

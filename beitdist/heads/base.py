@@ -160,9 +160,9 @@ class Head(nn.Module):
     # -------------------------------------------------------------- pictures
     @classmethod
     def pictures(cls, batch: Mapping[str, torch.Tensor], model: Callable[[], BeitForTask | None]) -> dict[str, Image]:
-        """PNG-ready images (file name -> PIL image) of a few training examples `batch` (CPU
-        tensors, as the data pipeline made them); the MLflow callback logs them at the end of a
-        run. `model()` gives the trained model (None when there is none to run): call it only to
+        """PNG-ready images (file name -> PIL image) of a few examples `batch` (CPU tensors, as the
+        data pipeline made them: validation examples when the run has them at the model's input
+        size, else training ones); the MLflow callback logs them at the end of a run. `model()` gives the trained model (None when there is none to run): call it only to
         draw predictions, since it may load the final weights. Default: the inputs and, when the
         batch has a mask, the masked patches in grey (`beitdist.heads.pictures`)."""
         from beitdist.heads.pictures import inputs_and_masks

@@ -35,6 +35,8 @@ class Evaluator:
         self.mode = mode  # the head decides what it means (segmentation: sliding windows)
         self.forwards = 0
         """Forwards run by the last `evaluate()` on this rank (real and filler): equal on every rank."""
+        self.sample: Batch | None = None
+        """A few examples of the first validation batch (CPU), for pictures of the validation split."""
 
     def evaluate(self) -> dict[str, float]:
         if self.loader is None:
@@ -60,6 +62,8 @@ class Evaluator:
                     raw = next(batches, None)
                     continue
                 batch = last = self.prepare(raw)
+                if self.sample is None:
+                    self.sample = sample_of(batch)
                 raw = next(batches, None)
                 out = head.evaluate_batch(self.engine.forward, batch, self.mode)
                 self.forwards += 1
@@ -76,3 +80,10 @@ class Evaluator:
         metrics["val_loss"] = float(stats[0]) / max(float(stats[1]), 1.0)
         self.engine.train()
         return metrics
+
+
+def sample_of(batch: Mapping[str, Any], count: int = 4) -> Batch:
+    """A few examples of a batch, on the CPU, for callbacks that draw pictures (MLflow)."""
+    size = batch["pixel_values"].shape[0]
+    return {k: v[:count].detach().cpu() for k, v in batch.items()
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size}

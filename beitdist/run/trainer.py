@@ -35,7 +35,7 @@ from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
 from beitdist.run.checkpoint_writer import CheckpointWriter
 from beitdist.run.collectives import all_gathered, all_reduced
-from beitdist.run.evaluator import Evaluator
+from beitdist.run.evaluator import Evaluator, sample_of
 from beitdist.run.files import write_atomic
 from beitdist.run.rundir import RunDir
 
@@ -228,7 +228,7 @@ class Trainer:
             batch = self._prepare(next(batches))
             data_s += time.perf_counter() - fetch_start
             if self.rank == 0 and "sample_batch" not in self.context.extras:
-                self.context.extras["sample_batch"] = _sample(batch)
+                self.context.extras["sample_batch"] = sample_of(batch)
             out = self._forward(batch)
             loss = self.module.loss(out, batch)
             if not self._all_finite(loss):
@@ -268,7 +268,14 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        return self.evaluator.evaluate()
+        metrics = self.evaluator.evaluate()
+        sample = self.evaluator.sample
+        # pictures of validation examples when they are what the model takes (a sliding-window
+        # evaluation feeds larger images): true labels, no mixup; else the training examples stay
+        if self.rank == 0 and sample is not None and tuple(sample["pixel_values"].shape[-2:]) == tuple(
+                self.module.config.image_size):
+            self.context.extras["sample_batch"] = sample
+        return metrics
 
     def save(self, metrics: Mapping[str, float]) -> Path:
         """Checkpoint step_N with the loop's state beside the engine's (`CheckpointWriter.save`)."""
@@ -413,13 +420,6 @@ def _result_from(path: Path) -> TrainResult:
     saved = json.loads(path.read_text())
     final_dir = Path(saved["final_dir"]) if saved.get("final_dir") else None
     return TrainResult(int(saved["step"]), dict(saved.get("metrics") or {}), list(saved.get("losses") or []), final_dir)
-
-
-def _sample(batch: Mapping[str, Any], count: int = 4) -> dict[str, torch.Tensor]:
-    """A few examples of a batch, on the CPU, for callbacks that draw pictures (MLflow)."""
-    size = batch["pixel_values"].shape[0]
-    return {k: v[:count].detach().cpu() for k, v in batch.items()
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size}
 
 
 def run(recipe: Recipe, dist_info: DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:

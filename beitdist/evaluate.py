@@ -173,14 +173,14 @@ def run_evaluation(model: Any, recipe: Any, shards: int, rank: int = 0, world: i
     if world > 1:
         import torch.distributed as dist
 
-        for key in keys:  # every rank holds every key: each evaluated at least one batch (checked below)
+        for key in keys:  # every rank holds every key: each has a shard (cmd_evaluate checks world <= shards)
             dist.all_reduce(totals[key])
         for tensor in (shard_losses, batches):
             dist.all_reduce(tensor)
         count = torch.tensor([float(images)], dtype=torch.float64)
         dist.all_reduce(count)
         images = int(count.item())
-    if not keys or float(batches.sum()) == 0:
+    if float(batches.sum()) == 0:
         raise InputError("the validation split is empty: nothing was evaluated")
     loss = 0.0
     for shard_loss in shard_losses.tolist():  # added in rank order, as the all-reduce of a run does
@@ -288,6 +288,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     recipe, shards = resolve_recipe(request, model)
     out = results_path(request, recipe, args.out)
     info = DistInfo.from_env()
+    if info.world_size > shards:  # a process without a shard would hold no sums to all-reduce
+        raise InputError(f"{info.world_size} processes for a split cut into {shards} shards; run at most {shards} "
+                         f"processes, or cut it finer with --shards {info.world_size} (val_loss then differs from "
+                         "the run's)")
     if info.world_size > 1:
         init_process_group(info)
     result = run_evaluation(model, recipe, shards, info.rank, info.world_size, device_for(info))

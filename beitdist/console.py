@@ -55,8 +55,8 @@ class ProgressBar:
         self.started = time.time() - 1.0  # file times have coarse resolution on some file systems
         self.printed: str | None = None
         """The last line written on a non-terminal."""
-        self.announced: dict[str, int] = {}
-        """The step of the last evaluation and checkpoint a line was printed for."""
+        self.announced: dict[str, Any] = {}
+        """The last resume, evaluation and checkpoint a line was printed for."""
 
     def __enter__(self) -> ProgressBar:
         self.thread.start()
@@ -86,8 +86,13 @@ class ProgressBar:
         return progress if isinstance(progress, dict) else None
 
     def events(self, p: dict[str, Any]) -> list[str]:
-        """Lines for an evaluation or a checkpoint not announced yet."""
+        """Lines for a resume (a restarted worker group, a relaunch), an evaluation or a checkpoint
+        not announced yet."""
         lines = []
+        resumed = p.get("resumed")
+        if resumed is not None and self.announced.get("resumed") != resumed:
+            lines.append(f"resumed from {resumed}")
+            self.announced["resumed"] = resumed
         step = p.get("eval_step")
         if step is not None and self.announced.get("eval") != step:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(p.items()) if k.startswith("val_"))

@@ -78,7 +78,8 @@ class Trainer:
         self.losses: list[float] = []
         self.eval_history: list[dict[str, float]] = []  # every evaluation of the run, kept across resumes
         self._events: dict[str, Any] = {}
-        """The last evaluation's and checkpoint's step (and path), for the progress file."""
+        """The last evaluation's and checkpoint's step (and path), and where this attempt resumed,
+        for the progress file (the launch's console prints a line for each)."""
         # wall-clock marks (epoch seconds) and the seconds of each loop iteration of this attempt
         # without its evaluation and checkpoint: start-up vs per-step framework overhead
         # (benchmarks/launch_overhead.py, benchmarks/zero_scaling.py)
@@ -175,6 +176,7 @@ class Trainer:
         self.step, self.loader_state = state["step"], state["loader"]
         self.eval_history = list(state.get("eval_history", []))
         log.info("resumed from %s at step %d", tag, self.step)
+        self._events["resumed"] = f"{tag} at step {self.step}"  # the launch's console says it too
 
     # ------------------------------------------------------------------- data
     def _flops(self, backbone: Any) -> tuple[int | None, float | None]:

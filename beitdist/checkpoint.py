@@ -305,17 +305,20 @@ def save_checkpoint(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite
     return _write_native(model, Path(out_dir), overwrite=overwrite, run_owned=False)
 
 
-def save_run_weights(model: BeitForTask, final_dir: Path) -> Path:
-    """A training run writing (or rewriting, on a resumed run) its own consolidated `final/`."""
-    return _write_native(model, final_dir, overwrite=True, run_owned=True)
+def save_run_weights(model: BeitForTask, final_dir: Path, notes: Mapping[str, Any] | None = None) -> Path:
+    """A training run writing (or rewriting, on a resumed run) its own consolidated `final/`;
+    `notes` (which weights: raw or EMA) go into its beitdist_config.json."""
+    return _write_native(model, final_dir, overwrite=True, run_owned=True, notes=notes)
 
 
-def _write_native(model: BeitForTask, out_dir: Path, *, overwrite: bool, run_owned: bool) -> Path:
+def _write_native(model: BeitForTask, out_dir: Path, *, overwrite: bool, run_owned: bool,
+                  notes: Mapping[str, Any] | None = None) -> Path:
     meta = {
         "format": "beitdist",
         "backbone": model.config.to_dict(),
         "head": model.head_name,
         "head_options": model.head.options() if model.head is not None else {},
+        **(notes or {}),
     }
 
     def write(tmp: Path) -> None:

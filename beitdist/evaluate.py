@@ -201,6 +201,20 @@ def results_path(request: EvalRequest, recipe: Any, out: str | None) -> Path:
     raise InputError(f"{request.source}: not a training run; say where the results go with --out FILE.json")
 
 
+def weights_of(source: Path) -> str | None:
+    """Which weights a beitdist checkpoint (or a run's final/) holds: "raw", or "ema" (the model
+    EMA, train.ema); None for other formats."""
+    from beitdist.checkpoint import NATIVE_CONFIG
+    from beitdist.run.rundir import RunDir
+
+    for directory in (RunDir(source).final, source):
+        try:
+            return str(json.loads((directory / NATIVE_CONFIG).read_text()).get("weights", "raw"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def write_results(path: Path, request: EvalRequest, recipe: Any, result: EvalResult, shards: int, world: int
                   ) -> None:
     from beitdist.run.files import write_atomic
@@ -210,8 +224,8 @@ def write_results(path: Path, request: EvalRequest, recipe: Any, result: EvalRes
     record = {
         "source": str(Path(request.source).resolve()), "dataset": recipe.data.dataset,
         "data_options": recipe.data.options, "eval_mode": recipe.train.eval_mode, "images": result.images,
-        "shards": shards, "processes": world, "seconds": round(result.seconds, 3), "metrics": result.metrics,
-        **result.details,
+        "shards": shards, "processes": world, "seconds": round(result.seconds, 3),
+        "weights": weights_of(Path(request.source)), "metrics": result.metrics, **result.details,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=1) + "\n")

@@ -108,6 +108,26 @@ class TokenizerSection:
 
 
 @dataclass(frozen=True)
+class EmaSection:
+    """An exponential moving average of the weights (unilm's and timm's `model_ema`), updated after
+    every optimizer step as ema = decay * ema + (1 - decay) * weights, starting from the weights
+    the run starts with. It is sharded like the parameters (under ZeRO-3 each rank keeps the
+    average of its own partition, in fp32), saved in every checkpoint and resumed with it."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    """unilm's default; the average spans about 1 / (1 - decay) steps (0.9999: 10k steps), so short
+    runs want a smaller decay (0.99-0.999)."""
+    evaluate: bool = True
+    """At every evaluation, evaluate the averaged weights too: their metrics are `val_ema_*`."""
+    final: Literal["ema", "raw"] = "ema"
+    """Which weights `<run_dir>/final` holds (its beitdist_config.json says which: "weights")."""
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.decay < 1.0, "decay", f"expected 0 <= decay < 1, got {self.decay}")
+
+
+@dataclass(frozen=True)
 class TrainSection:
     steps: int = 100
     """Optimizer steps in the whole run."""
@@ -126,6 +146,7 @@ class TrainSection:
     stop_at: int = 0
     """Stop after this step with a checkpoint, as a preempted job would (0: run to the end); the
     next launch of the same run resumes from it. For time-boxed jobs and resume tests."""
+    ema: EmaSection = field(default_factory=EmaSection)
 
     def __post_init__(self) -> None:
         check(self.steps > 0, "steps", f"expected > 0, got {self.steps}")
@@ -271,6 +292,9 @@ class Recipe:
             check(not (engine.backend == "fairscale" and engine.fairscale_mode == "fsdp"), "engine.fairscale_mode",
                   "fsdp needs GPUs (fairscale's FullyShardedDataParallel is GPU-only), but scaling.use_gpu is false; "
                   "use engine.fairscale_mode: oss or engine.backend: deepspeed")
+        check(not (self.train.ema.enabled and engine.backend == "fairscale" and engine.fairscale_mode == "fsdp"),
+              "train.ema.enabled", "model EMA is not available with engine.fairscale_mode: fsdp (it shards parameters its "
+              "own way); use engine.fairscale_mode: oss, or engine.backend: deepspeed (any ZeRO stage)")
         if scaling.global_batch_size is not None:
             self._check_global_batch(scaling.num_workers, "scaling.num_workers")
             derived = scaling.global_batch_size // (self.data.batch_size * scaling.num_workers)

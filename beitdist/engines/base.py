@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from beitdist.engines.config import EngineConfig
+from beitdist.engines.shards import ParamShard, replicated_shards
 from beitdist.optim import OptimConfig
 
 
@@ -97,6 +98,19 @@ class TrainEngine(ABC):
 
     @abstractmethod
     def train(self) -> None: ...
+
+    def parameter_shards(self) -> list[ParamShard]:
+        """This rank's piece of every trainable parameter, as live views (after `build`): what
+        state kept beside the optimizer's (model EMA) is sharded by. Default: engines whose every
+        rank holds the whole model."""
+        import torch.distributed as dist
+
+        return replicated_shards(self.module, dist.get_rank(), dist.get_world_size())
+
+    def release_gathered(self) -> None:
+        """Drop gathered full copies of partitioned parameters, so that the next forward gathers
+        what the pieces hold now (called after the pieces were written). Nothing to do where every
+        rank holds the whole model."""
 
     @abstractmethod
     def eval(self) -> None: ...

@@ -18,6 +18,7 @@ from beitdist.errors import RunFailedError
 from beitdist.model import build_model
 from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
+from beitdist.run.ema import ModelEma, ema_state_dict
 from beitdist.run.files import write_atomic
 from beitdist.run.rundir import RunDir
 
@@ -36,8 +37,10 @@ class CheckpointSaveError(RunFailedError):
 class CheckpointWriter:
     """Writes checkpoints `step_N` of one run on one rank (rank 0 does the single-writer parts)."""
 
-    def __init__(self, layout: RunDir, engine: Any, rank: int, keep: int) -> None:
+    def __init__(self, layout: RunDir, engine: Any, rank: int, keep: int, ema: ModelEma | None = None) -> None:
         self.layout, self.engine, self.rank, self.keep = layout, engine, rank, keep
+        self.ema = ema
+        """The model EMA (train.ema), saved with every checkpoint before its commit."""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -59,6 +62,8 @@ class CheckpointWriter:
                 ckpts.discard_checkpoint(self.ckpt_dir, tag)  # a leftover from a crashed save of this step
             dist.barrier()
             self.engine.save(self.ckpt_dir, tag, client_state={"step": step})
+            if self.ema is not None:
+                self.ema.save(path)
             if self.rank == 0:
                 write_atomic(self.layout.state_file(tag), json.dumps(loop_state(), indent=1, default=str))
             ckpts.finish_checkpoint(self.ckpt_dir, tag)
@@ -84,8 +89,24 @@ class CheckpointWriter:
         shards are this run's own, which a resume unpickles in full anyway (the engines' loaders
         do), so they are trusted here; `load_model(run_dir)` is what reads them weights-only."""
         state = ckpts.consolidated_state_dict(self.ckpt_dir, tag, trust_pickle=True)
+        weights = self.final_weights(recipe)
+        if weights == "ema":  # the trainable parameters averaged; buffers and frozen parameters as trained
+            averaged = ema_state_dict(self.layout.tag(tag))
+            unknown = sorted(set(averaged) - set(state))
+            if unknown:
+                raise RuntimeError(f"the EMA of {self.layout.tag(tag)} has parameters the model lacks: {unknown[:5]}")
+            state.update(averaged)
         model = build_model(recipe.model.backbone_config(), recipe.head.name, recipe.head.options)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        return save_run_weights(model, self.layout.final)
+        notes: dict[str, Any] = {"weights": weights}
+        if recipe.train.ema.enabled:
+            notes["ema"] = {"decay": recipe.train.ema.decay, "updates": self.ema.updates if self.ema else None}
+        return save_run_weights(model, self.layout.final, notes)
+
+    @staticmethod
+    def final_weights(recipe: Recipe) -> str:
+        """Which weights `final/` holds: "ema" (the averaged ones, train.ema.final) or "raw"."""
+        ema = recipe.train.ema
+        return "ema" if ema.enabled and ema.final == "ema" else "raw"

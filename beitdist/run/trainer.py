@@ -35,6 +35,7 @@ from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
 from beitdist.run.checkpoint_writer import CheckpointWriter
 from beitdist.run.collectives import all_gathered, all_reduced
+from beitdist.run.ema import ModelEma
 from beitdist.run.evaluator import Evaluator, sample_of
 from beitdist.run.files import write_atomic
 from beitdist.run.rundir import RunDir
@@ -125,11 +126,13 @@ class Trainer:
         self.module = cast(BeitForTask, self.engine.module)
         self.schedule = Schedule(recipe.optim, recipe.train.steps)
         self.step, self.loader_state = 0, None
+        # the average starts from the weights the run starts with (model.init's, or a resume's)
+        self.ema = ModelEma(self.engine, recipe.train.ema.decay) if recipe.train.ema.enabled else None
         if self.resume_tag is not None:
             self._load(self.resume_tag)
         self.evaluator = Evaluator(self.engine, self.module, self.val_loader, self._prepare, self.device, self.rank,
                                    recipe.train.eval_mode)
-        self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints)
+        self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints, self.ema)
         self.flops_per_image, self.peak_flops = self._flops(backbone)
         self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
                                     extras={"resumed_step": self.step, "gflops_per_image": (
@@ -172,11 +175,23 @@ class Trainer:
     def _load(self, tag: str) -> None:
         """Engine state (model, optimizer) from checkpoint `tag`, then the loop's own state."""
         self.engine.load(self.ckpt_dir, tag)
+        if self.ema is not None:
+            self._load_ema(tag)
         state = json.loads(self.layout.state_file(tag).read_text())
         self.step, self.loader_state = state["step"], state["loader"]
         self.eval_history = list(state.get("eval_history", []))
         log.info("resumed from %s at step %d", tag, self.step)
         self._events["resumed"] = f"{tag} at step {self.step}"  # the launch's console says it too
+
+    def _load_ema(self, tag: str) -> None:
+        tag_dir = self.layout.tag(tag.removesuffix("_universal"))  # the average is in the original checkpoint
+        assert self.ema is not None
+        if self.ema.load(tag_dir):
+            return
+        self.ema.restart()
+        if self.rank == 0:
+            log.warning("%s holds no model EMA (saved without train.ema): the average starts from its weights",
+                        tag_dir)
 
     # ------------------------------------------------------------------- data
     def _flops(self, backbone: Any) -> tuple[int | None, float | None]:
@@ -252,6 +267,8 @@ class Trainer:
             images += batch["pixel_values"].shape[0]
             done += 1
         self.step += 1
+        if self.ema is not None:
+            self.ema.update()
         loss_value = float(np.mean(losses))
         self.losses.append(loss_value)
         # data_s: what the step waited for its input (loading, augmentation, copy to the device, and
@@ -271,6 +288,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         metrics = self.evaluator.evaluate()
+        if self.ema is not None and self.recipe.train.ema.evaluate:
+            with self.ema.swapped_in():
+                averaged = self.evaluator.evaluate()
+            metrics.update({f"val_ema_{k.removeprefix('val_')}": v for k, v in averaged.items()})
         sample = self.evaluator.sample
         # pictures of validation examples when they are what the model takes (a sliding-window
         # evaluation feeds larger images): true labels, no mixup; else the training examples stay
@@ -410,7 +431,8 @@ class Trainer:
                        "eval_history": self.eval_history, "final_dir": str(final_dir) if final_dir else None,
                        "world_size": self.world,
                        "images_per_step": self.recipe.data.batch_size * self.recipe.engine.grad_accum * self.world,
-                       "timing": self.timing, "corrupt_skipped": skipped}
+                       "timing": self.timing, "corrupt_skipped": skipped,
+                       "final_weights": self.writer.final_weights(self.recipe) if final_dir else None}
             write_atomic(self.layout.result_file, json.dumps(summary, indent=1))
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)

@@ -23,6 +23,7 @@ from beitdist.engines.deepspeed import checkpoints, zero
 from beitdist.engines.deepspeed.config import deepspeed_config
 from beitdist.engines.deepspeed.importing import import_deepspeed
 from beitdist.engines.deepspeed.optim import build_optimizer
+from beitdist.engines.shards import ParamShard, zero3_shards
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,17 @@ class DeepSpeedEngine(TrainEngine):
 
     def train(self) -> None:
         self.engine.train()
+
+    def parameter_shards(self) -> list[ParamShard]:
+        if self.config.stage == 3:
+            return zero3_shards(self.module, dist.get_rank(), dist.get_world_size())
+        return super().parameter_shards()
+
+    def release_gathered(self) -> None:
+        """ZeRO-3 keeps some parameters gathered between forwards (the small "persistent" ones,
+        and any a forward left behind): release them all, so none is used stale."""
+        if self.config.stage == 3:
+            self.engine.empty_partition_cache()
 
     def eval(self) -> None:
         self.engine.eval()

@@ -34,6 +34,7 @@ from torch import nn
 
 from beitdist.backbone.convert import CheckpointError
 from beitdist.engines.base import TrainEngine
+from beitdist.engines.shards import ParamShard
 from beitdist.engines.fairscale.checkpoints import MODEL_FILE, OPTIM_FILE, optim_shard_file
 from beitdist.optim import OptimConfig, adamw_options, build_adamw, optimizer_groups
 
@@ -137,6 +138,12 @@ class FairscaleEngine(TrainEngine):
 
     def eval(self) -> None:
         (self.wrapped if self.mode == "fsdp" else self.module).eval()
+
+    def parameter_shards(self) -> list[ParamShard]:
+        if self.mode == "fsdp":  # the recipe refuses train.ema with fsdp before any compute
+            raise NotImplementedError("fairscale fsdp shards parameters its own way; per-parameter pieces are "
+                                      "available with engine.fairscale_mode: oss or the deepspeed engine")
+        return super().parameter_shards()
 
     # ------------------------------------------------------------- checkpoints
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:

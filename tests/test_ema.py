@@ -190,7 +190,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: 
 
 
 @pytest.mark.slow
-def test_ema_under_zero3_resumes_exactly_and_matches_zero2(tmp_path):
+def test_ema_under_zero3_resumes_exactly_and_matches_zero2_and_fairscale(tmp_path):
     whole = merge(EMA_RECIPE, {"name": "whole"})
     run_recipe(whole, tmp_path)
     result = result_of(whole, tmp_path)
@@ -233,11 +233,12 @@ def test_ema_under_zero3_resumes_exactly_and_matches_zero2(tmp_path):
         key, tolerance = ("val_ema_loss", 1e-5) if nproc == 2 else ("val_ema_top5", 2 / 359)
         assert result_of(recipe, tmp_path)["metrics"][key] == pytest.approx(metrics[key], abs=tolerance)
 
-    # ZeRO-2 keeps the same average from pieces of whole parameters
-    zero2 = merge(EMA_RECIPE, {"name": "zero2", "engine": {"zero_stage": 2}})
-    run_recipe(zero2, tmp_path)
-    _assert_close(_final(zero2, tmp_path)[0], weights, 1e-5)
-    assert result_of(zero2, tmp_path)["metrics"]["val_ema_top1"] == metrics["val_ema_top1"]
+    # ZeRO-2 and fairscale OSS keep the same average from pieces of whole parameters
+    for name, engine in (("zero2", {"zero_stage": 2}), ("oss", {"backend": "fairscale", "fairscale_mode": "oss"})):
+        recipe = {**EMA_RECIPE, "name": name, "engine": engine}
+        run_recipe(recipe, tmp_path)
+        _assert_close(_final(recipe, tmp_path)[0], weights, 1e-5)
+        assert result_of(recipe, tmp_path)["metrics"]["val_ema_top5"] == pytest.approx(metrics["val_ema_top5"])
 
 
 @pytest.mark.slow

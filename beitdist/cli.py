@@ -66,9 +66,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from beitdist.preflight import preflight
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
+    from beitdist.run import preemption
     from beitdist.run.rundir import RunDir
     from beitdist.train import run
 
+    preemption.install()  # SIGTERM: stop after the current step with a checkpoint
     recipe = with_environment(validate_file(args.recipe, args.set, check_paths=not args.skip_paths))
     preflight(recipe, this_machine=not args.skip_paths, gpu=uses_cuda())
     dist = DistInfo.from_env()

@@ -234,7 +234,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-WORKER_SETUP_HOOK = "beitdist.ray_worker_setup.quiet_ray_internals"
+WORKER_SETUP_HOOK = "beitdist.ray_worker_setup.setup_worker"
 """Run first by every Ray worker process of the job (by its import path: importing beitdist's
 public API would cost every Ray process seconds of torch import)."""
 

@@ -17,6 +17,10 @@ path (ray/train/v2/_internal/execution/context.py: `logging.getLogger(__file__)`
 sets that logger to WARNING. `VERBOSE_ENV` tells every process of a verbose launch
 (`beitdist -v launch`) to keep all of it.
 
+It also makes SIGTERM a request to stop at a step boundary with a checkpoint while a training
+loop runs in the process (pre-emption, `beitdist.run.preemption`): Ray installs its own SIGTERM
+handler (exit at once) right after this hook, so the hook wraps the function Ray installs it with.
+
 This module imports only the standard library: most Ray processes of a launch never train and
 must not pay for importing torch.
 """
@@ -27,6 +31,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 VERBOSE_ENV = "BEITDIST_VERBOSE"
 """Set to 1 in the workers' environment by a verbose launch: every process logs at INFO."""
@@ -46,6 +51,29 @@ def _report_logger_name() -> str | None:
     if not ray_file:
         return None
     return os.path.join(os.path.dirname(ray_file), "train", "v2", "_internal", "execution", "context.py")
+
+
+def setup_worker() -> None:
+    """The runtime_env `worker_process_setup_hook` of a launch."""
+    quiet_ray_internals()
+    intercept_sigterm()
+
+
+def intercept_sigterm() -> None:
+    """Have Ray's own SIGTERM handler wrapped by `preemption.ray_sigterm_handler` when Ray
+    installs it (in the worker's main thread, just before its task loop)."""
+    from beitdist.run import preemption
+
+    utils = sys.modules.get("ray._private.utils")
+    install = getattr(utils, "set_sigterm_handler", None)
+    if install is None or getattr(install, "beitdist_wrapped", False):
+        return
+
+    def set_sigterm_handler(handler: Any) -> None:
+        install(preemption.ray_sigterm_handler(handler))
+
+    set_sigterm_handler.beitdist_wrapped = True  # type: ignore[attr-defined]
+    setattr(utils, "set_sigterm_handler", set_sigterm_handler)
 
 
 def quiet_ray_internals() -> None:

@@ -19,6 +19,6 @@ reductions do not fix their order of summation.
 from __future__ import annotations
 
 from beitdist.run.checkpoint_writer import CheckpointSaveError
-from beitdist.run.trainer import NonFiniteLossError, Reporter, TrainResult, run
+from beitdist.run.trainer import NonFiniteLossError, PreemptedError, Reporter, TrainResult, run
 
-__all__ = ["CheckpointSaveError", "NonFiniteLossError", "Reporter", "TrainResult", "run"]
+__all__ = ["CheckpointSaveError", "NonFiniteLossError", "PreemptedError", "Reporter", "TrainResult", "run"]

@@ -33,6 +33,7 @@ from beitdist.optim import Schedule, apply_schedule, param_groups
 from beitdist.plan import forward_flops, peak_flops
 from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
+from beitdist.run import preemption
 from beitdist.run.checkpoint_writer import CheckpointWriter
 from beitdist.run.collectives import all_gathered, all_reduced
 from beitdist.run.ema import ModelEma
@@ -43,6 +44,15 @@ from beitdist.run.rundir import RunDir
 log = logging.getLogger("beitdist.train")  # the name users know the loop's log lines by
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
+class PreemptedError(RunFailedError):
+    """SIGTERM (pre-emption) stopped the run at a step boundary, after a checkpoint of that step;
+    launching it again resumes there. Every rank raises it at the same step. Exit code 143, the
+    shell's code for a process ended by SIGTERM: a job scheduler must not take it for success."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=128 + 15)
 
 
 class NonFiniteLossError(RunFailedError):
@@ -85,6 +95,8 @@ class Trainer:
         # without its evaluation and checkpoint: start-up vs per-step framework overhead
         # (benchmarks/launch_overhead.py, benchmarks/zero_scaling.py)
         self.timing: dict[str, Any] = {"started_at": time.time(), "iteration_s": [], "data_s": []}
+        self._stop_requested = False
+        """Some rank got SIGTERM: every rank stops after this step (agreed in `_all_finite`)."""
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -228,10 +240,16 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank; the same all-reduce also tells every rank
+        whether any was asked to stop (SIGTERM, `beitdist.run.preemption`), so they agree on the
+        step to stop after without a collective of its own."""
         # on the loss's device: an NCCL group has no CPU collectives
-        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+        flags = torch.cat([finite, finite.new_tensor([0.0 if preemption.requested() else 1.0])])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        if flags[1].item() == 0.0:
+            self._stop_requested = True
+        return bool(flags[0].item())
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches. A micro-batch whose loss is not
@@ -350,10 +368,26 @@ class Trainer:
             return finished
         plugins.emit("beitdist_on_train_start", context=self.context)
         try:
-            return self._train()
+            with preemption.training():
+                return self._train()
         except BaseException as err:
             self._report_failure(err)
             raise
+
+    def _stop_preempted(self, saved: bool, step_metrics: dict[str, float], metrics: dict[str, float],
+                        checkpoint: Path | None) -> Path:
+        """Every rank, after the step they agreed on: checkpoint it (unless this step saved one
+        already), then end with PreemptedError."""
+        if not saved:
+            checkpoint = self.save({**step_metrics, **metrics})
+            if self.reporter is not None:
+                self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
+            self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
+        assert checkpoint is not None
+        self._events["preempted_step"] = self.step
+        self._write_progress(step_metrics, metrics, force=True)
+        raise PreemptedError(f"stopped after step {self.step} on SIGTERM (pre-emption); checkpoint {checkpoint.name} is "
+                             f"saved in {self.ckpt_dir}; launch the same recipe again to resume from it")
 
     def _record_device_peaks(self) -> None:
         """Every rank's peak GPU memory (bytes allocated) up to here, in `timing` of
@@ -410,6 +444,8 @@ class Trainer:
                 self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
             if self.step in (self._events.get("eval_step"), self._events.get("checkpoint_step")):
                 self._write_progress(step_metrics, metrics, force=True)
+            if self._stop_requested:
+                checkpoint = self._stop_preempted(bool(saving), step_metrics, metrics, checkpoint)
             side_s = time.perf_counter() - side_start
             if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)

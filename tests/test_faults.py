@@ -60,19 +60,20 @@ def _progress_step(run_dir: Path) -> int:
         return 0
 
 
-def _kill_one_worker_after(launcher: subprocess.Popen, run_dir: Path, step: int, timeout: float) -> int:
-    """SIGKILL one training worker once rank 0 reports `step`; returns the step it was killed at."""
+def _signal_one_worker_after(launcher: subprocess.Popen, run_dir: Path, step: int, timeout: float,
+                             sig: signal.Signals, spare: set[int] = frozenset()) -> tuple[int, set[int]]:
+    """Send `sig` to one training worker once rank 0 reports `step` and the workers are none of
+    `spare` (those of a group Ray has replaced since); returns the step and the workers' pids."""
     parent = psutil.Process(launcher.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert launcher.poll() is None, "the launch ended before a worker could be killed"
+        assert launcher.poll() is None, "the launch ended before a worker could be signalled"
         at = _progress_step(run_dir)
         if at >= step:
             workers = _train_workers(parent)
-            if len(workers) == 2:
-                victim = workers[-1]
-                os.kill(victim.pid, signal.SIGKILL)
-                return at
+            if len(workers) == 2 and not {w.pid for w in workers} & spare:
+                os.kill(workers[-1].pid, sig)
+                return at, {w.pid for w in workers}
         time.sleep(0.05)
     raise AssertionError(f"no progress to step {step} within {timeout} s")
 
@@ -90,15 +91,16 @@ def _launch(path: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_a_killed_worker_and_an_interrupted_launch_end_as_if_nothing_happened(tmp_path):
-    """One launch of 2 Ray workers lives through both faults a long run meets, then a relaunch
+    """One launch of 2 Ray workers lives through the faults a long run meets, then a relaunch
     finishes it: a worker SIGKILLed after step 10's checkpoint (Ray Train restarts the group, which
-    resumes), then Ctrl-C on the driver after step 20's (exit 1 saying so, the Ray workers gone, the
+    resumes), a worker of the new group SIGTERMed (pre-empted: the group checkpoints the step it
+    stops after and the next group resumes there), then Ctrl-C on the driver after step 20's (exit 1 saying so, the Ray workers gone, the
     checkpoints kept). The final weights equal those of an uninterrupted torchrun run, and MLflow
     holds one run with every step once (replayed steps not twice), the evaluations and the artifacts."""
     reference = merge(RECIPE, {"name": "reference"})
     run_recipe(reference, tmp_path, timeout=600)
 
-    recipe = merge(RECIPE, {"output_dir": str(tmp_path / "runs"), "scaling": {"num_workers": 2, "max_failures": 2},
+    recipe = merge(RECIPE, {"output_dir": str(tmp_path / "runs"), "scaling": {"num_workers": 2, "max_failures": 3},
                             "tracking": {"enabled": True}})
     path = tmp_path / "faulty.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -109,7 +111,9 @@ def test_a_killed_worker_and_an_interrupted_launch_end_as_if_nothing_happened(tm
     launcher = subprocess.Popen([sys.executable, "-m", "beitdist", "-v", "launch", str(path)], cwd=tmp_path,
                                 stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        killed_at = _kill_one_worker_after(launcher, run_dir, EVERY + 1, timeout=400)
+        killed_at, first_group = _signal_one_worker_after(launcher, run_dir, EVERY + 1, 400, signal.SIGKILL)
+        # pre-emption of the restarted group: SIGTERM to one worker between two checkpoints
+        _signal_one_worker_after(launcher, run_dir, EVERY + 3, 400, signal.SIGTERM, spare=first_group)
         _wait_for(launcher, run_dir / f"checkpoints/step_{2 * EVERY}/beitdist_manifest.json", 400, log_path)
         workers = [json.loads(p.read_text())["pid"] for p in (run_dir / "workers").glob("rank_*.json")]
         launcher.send_signal(signal.SIGINT)
@@ -122,6 +126,12 @@ def test_a_killed_worker_and_an_interrupted_launch_end_as_if_nothing_happened(tm
     output = log_path.read_text()
     assert killed_at < 2 * EVERY
     assert f"resumed from step_{EVERY} " in output, output[-6000:]  # the restarted group resumed
+    # the pre-empted group saved the step it stopped after, and the next group resumed there
+    preempted = re.search(r"stopped after step (\d+) on SIGTERM \(pre-emption\)", output)
+    assert preempted, output[-6000:]
+    stopped_at = int(preempted.group(1))
+    assert EVERY + 3 <= stopped_at < 2 * EVERY, stopped_at
+    assert f"resumed from step_{stopped_at} " in output, output[-6000:]
     assert code == 1 and "beitdist launch: interrupted" in output, output[-6000:]
     assert not (run_dir / "train_result.json").exists()
     deadline = time.monotonic() + 60

@@ -9,4 +9,6 @@ launcher and `output_paths`):
 - `trainer`: the training loop on one rank (`beitdist.train.run` is its entry point).
 - `evaluator`: evaluation over the validation loader, streamed, equal forwards on every rank.
 - `checkpoint_writer`: save, commit and prune checkpoints; consolidate final weights.
+- `ema`: the model EMA (`train.ema`), sharded like the parameters, saved in every checkpoint.
+- `preemption`: SIGTERM as a request to stop after the current step with a checkpoint.
 """

@@ -300,8 +300,10 @@ def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) ->
 
     started_at = time.time()
     scaling = recipe.scaling
-    output_dir = Path(recipe.output_dir).resolve()
-    recipe = recipe.replace(output_dir=str(output_dir))
+    if recipe.run_url is None:
+        recipe = recipe.replace(output_dir=str(Path(recipe.output_dir).resolve()))
+    # Ray Train's own records go beside the run (its staging copy for an object-store output_dir)
+    storage_path = recipe.run_dir.resolve().parent
     env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling.num_workers))}
     if (pythonpath := checkout_pythonpath()) is not None:
         env_vars["PYTHONPATH"] = pythonpath
@@ -324,7 +326,7 @@ def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) ->
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(  # type: ignore[call-arg]  # Ray Train v2's RunConfig; mypy resolves v1's
-            name=recipe.name, storage_path=str(output_dir),
+            name=recipe.name, storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             # Ray Train's per-report dicts and set-up lines: the progress bar says it shorter
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
@@ -342,6 +344,10 @@ def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) ->
         # stop), then the blocked ray.get() turns the interrupt into SystemExit(1)
         raise KeyboardInterrupt(_checkpoint_note(recipe)) from None
     result_file = RunDir(recipe.run_dir).result_file
+    if not result_file.exists() and recipe.run_url is not None:  # rank 0 ran on another node
+        from beitdist.run.storage import RemoteRun
+
+        RemoteRun(recipe.run_url, recipe.run_dir, recipe.storage.options).pull_resume_point()
     if not result_file.exists():
         raise RuntimeError(f"the run finished without writing {result_file}")
     return json.loads(result_file.read_text())

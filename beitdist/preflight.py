@@ -104,6 +104,19 @@ def check_run_dir_writable(recipe: Recipe) -> None:
             raise PreflightError(f"output_dir: the run's final weights cannot be rewritten: {err}") from None
 
 
+def check_remote_output(recipe: Recipe) -> None:
+    """An object-store output_dir: the store answers and takes a write (one probe object, removed
+    at once), before any compute."""
+    if recipe.run_url is None:
+        return
+    from beitdist.run.storage import RemoteRun
+
+    try:
+        RemoteRun(recipe.run_url, recipe.run_dir, recipe.storage.options).probe()
+    except InputError as err:
+        raise PreflightError(str(err)) from None
+
+
 def _recorded_recipe(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """The recipe saved with the run's newest complete checkpoint (None for a new run)."""
     from beitdist.run.checkpoints import complete_tags
@@ -217,4 +230,5 @@ def preflight(recipe: Recipe, *, this_machine: bool = True, gpu: bool | None = N
         return
     check_precision(recipe, gpu)
     check_run_dir_writable(recipe)
+    check_remote_output(recipe)
     check_resumable(recipe)

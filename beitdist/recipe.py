@@ -241,11 +241,25 @@ class TrackingSection:
 
 
 @dataclass(frozen=True)
+class StorageSection:
+    """Where a run with an object-store `output_dir` (`s3://bucket/prefix`) is staged and how the
+    store is reached (`beitdist.run.storage`)."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    """fsspec's keyword arguments for the store; S3-compatible stores: endpoint_url, key, secret,
+    client_kwargs: {region_name: ...}. Empty: s3fs reads the AWS_* environment variables."""
+    cache_dir: str | None = None
+    """Each node's local staging copy of the run (default ~/.cache/beitdist/runs); a cache: the
+    store holds the run."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs"
-    """Runs are written to <output_dir>/<name>/ (checkpoints, final weights, MLflow store)."""
+    """Runs are written to <output_dir>/<name>/ (checkpoints, final weights, MLflow store); an
+    object-store URL (s3://bucket/prefix) keeps the run there, staged on each node (`storage`)."""
     model: ModelSection = field(default_factory=ModelSection)
     head: HeadSection = field(default_factory=HeadSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -255,6 +269,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    storage: StorageSection = field(default_factory=StorageSection)
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
@@ -361,7 +376,20 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
+        """Where this process writes the run: <output_dir>/<name>, or its local staging copy when
+        output_dir is an object store (`run_url`)."""
+        if self.run_url is not None:
+            from beitdist.run.storage import staging_dir
+
+            return staging_dir(self.output_dir, self.name, self.storage.cache_dir)
         return Path(self.output_dir) / self.name
+
+    @property
+    def run_url(self) -> str | None:
+        """<output_dir>/<name> when output_dir is an object-store URL (None for a local run)."""
+        from beitdist.data.remote import is_remote
+
+        return f"{self.output_dir.rstrip('/')}/{self.name}" if is_remote(self.output_dir) else None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -40,8 +40,10 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def run_recipe(recipe: dict[str, Any], tmp_path: Path, nproc: int = 2, timeout: int = 300,
                expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """`beitdist train` on `nproc` gloo ranks (plain process for 1); output under tmp_path/runs."""
-    recipe = merge(recipe, {"output_dir": str(tmp_path / "runs")})
+    """`beitdist train` on `nproc` gloo ranks (plain process for 1); output under tmp_path/runs
+    unless the recipe names its output_dir."""
+    if "output_dir" not in recipe:
+        recipe = merge(recipe, {"output_dir": str(tmp_path / "runs")})
     path = tmp_path / f"{recipe['name']}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

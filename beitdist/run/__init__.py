@@ -11,4 +11,5 @@ launcher and `output_paths`):
 - `checkpoint_writer`: save, commit and prune checkpoints; consolidate final weights.
 - `ema`: the model EMA (`train.ema`), sharded like the parameters, saved in every checkpoint.
 - `preemption`: SIGTERM as a request to stop after the current step with a checkpoint.
+- `storage`: a run directory in an object store (`output_dir: s3://...`), staged on each node.
 """

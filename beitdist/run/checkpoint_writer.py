@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ from typing import Any
 import torch.distributed as dist
 
 from beitdist import plugins
-from beitdist.checkpoint import save_run_weights
+from beitdist.checkpoint import NATIVE_CONFIG, save_run_weights
 from beitdist.errors import RunFailedError
 from beitdist.model import build_model
 from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
 from beitdist.run.ema import ModelEma, ema_state_dict
 from beitdist.run.files import write_atomic
+from beitdist.run.storage import RemoteRun
 from beitdist.run.rundir import RunDir
 
 log = logging.getLogger("beitdist.train")  # the training loop's log lines keep the name users filter on
@@ -37,10 +39,13 @@ class CheckpointSaveError(RunFailedError):
 class CheckpointWriter:
     """Writes checkpoints `step_N` of one run on one rank (rank 0 does the single-writer parts)."""
 
-    def __init__(self, layout: RunDir, engine: Any, rank: int, keep: int, ema: ModelEma | None = None) -> None:
+    def __init__(self, layout: RunDir, engine: Any, rank: int, keep: int, ema: ModelEma | None = None,
+                 remote: RemoteRun | None = None, local_rank: int = 0) -> None:
         self.layout, self.engine, self.rank, self.keep = layout, engine, rank, keep
         self.ema = ema
         """The model EMA (train.ema), saved with every checkpoint before its commit."""
+        self.remote, self.local_rank = remote, local_rank
+        """An object-store output_dir: each checkpoint is committed there after the local commit."""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -58,8 +63,9 @@ class CheckpointWriter:
         path = self.layout.tag(tag)
         plugins.emit("beitdist_on_checkpoint_start", context=context, step=step)
         try:
-            if self.rank == 0:
-                ckpts.discard_checkpoint(self.ckpt_dir, tag)  # a leftover from a crashed save of this step
+            if self.rank == 0 or (self.remote is not None and self.local_rank == 0):
+                # a leftover from a crashed save of this step (each node's own staging copy when remote)
+                ckpts.discard_checkpoint(self.ckpt_dir, tag)
             dist.barrier()
             self.engine.save(self.ckpt_dir, tag, client_state={"step": step})
             if self.ema is not None:
@@ -71,23 +77,60 @@ class CheckpointWriter:
             if ckpts.is_committed(self.ckpt_dir, tag):
                 raise  # the checkpoint is complete; what failed came after it (a lost peer in the last barrier)
             raise CheckpointSaveError(ckpts.abandon_checkpoint(self.ckpt_dir, tag, err, remove=self.rank == 0)) from None
+        if self.remote is not None:
+            self._commit_remote(tag)
         self.prune(tag)
         plugins.emit("beitdist_on_checkpoint_saved", context=context, step=step, path=str(path))
         return path
 
+    def _commit_remote(self, tag: str) -> None:
+        """Every node uploads its files of `tag`, then rank 0 writes the store's manifest and
+        `latest` (`beitdist.run.storage`). A failed upload stops the run like a failed local
+        write: the store's `latest` still names the previous complete checkpoint."""
+        assert self.remote is not None
+        try:
+            if self.local_rank == 0:
+                self.remote.upload_checkpoint_files(tag)
+            dist.barrier()
+            if self.rank == 0:
+                self.remote.commit_checkpoint(tag, dist.get_world_size())
+            dist.barrier()
+        except Exception as err:  # noqa: BLE001 - the object store's client raises its own kinds
+            kept = self.remote.complete_tags() if self.rank == 0 else []
+            previous = next((t for t in kept if t != tag), None)
+            raise CheckpointSaveError(
+                f"could not upload checkpoint {tag} to {self.remote.url} ({type(err).__name__}: "
+                f"{(str(err).splitlines() or [''])[0]}); "
+                + (f"the store's checkpoint {previous} is intact; launch again to resume"
+                   if previous else "the store holds no complete checkpoint yet; launch again")) from None
+
     def prune(self, newest: str) -> None:
         """Rank 0, after a complete save: keep the newest `keep` complete checkpoints (never fewer
-        than one, never the one `latest` names)."""
+        than one, never the one `latest` names), locally and in the object store."""
         if self.rank != 0:
+            if self.remote is not None and self.local_rank == 0:
+                self._drop_uploaded(newest)
             return
         deleted = ckpts.prune_checkpoints(self.ckpt_dir, self.keep, newest)
+        if self.remote is not None:
+            deleted = sorted(set(deleted) | set(self.remote.prune(self.keep, newest)))
         if deleted:
             log.info("removed old checkpoints %s", ", ".join(deleted))
+
+    def _drop_uploaded(self, newest: str) -> None:
+        """Another node's staging copy: its files of older checkpoints are in the store, and
+        without a manifest (rank 0 writes it) they are of no use here."""
+        for tag_dir in self.ckpt_dir.iterdir():
+            if (tag_dir.is_dir() and ckpts.TAG_PATTERN.fullmatch(tag_dir.name) and tag_dir.name != newest
+                    and not (tag_dir / ckpts.MANIFEST).exists()):
+                shutil.rmtree(tag_dir, ignore_errors=True)
 
     def consolidate(self, tag: str, recipe: Recipe) -> Path:
         """Rank 0: fp32 weights from the shards -> <run_dir>/final (a beitdist checkpoint). The
         shards are this run's own, which a resume unpickles in full anyway (the engines' loaders
         do), so they are trusted here; `load_model(run_dir)` is what reads them weights-only."""
+        if self.remote is not None:  # the shards other nodes wrote are in the store only
+            self.remote.pull_checkpoint(tag)
         state = ckpts.consolidated_state_dict(self.ckpt_dir, tag, trust_pickle=True)
         weights = self.final_weights(recipe)
         if weights == "ema":  # the trainable parameters averaged; buffers and frozen parameters as trained
@@ -103,7 +146,10 @@ class CheckpointWriter:
         notes: dict[str, Any] = {"weights": weights}
         if recipe.train.ema.enabled:
             notes["ema"] = {"decay": recipe.train.ema.decay, "updates": self.ema.updates if self.ema else None}
-        return save_run_weights(model, self.layout.final, notes)
+        final = save_run_weights(model, self.layout.final, notes)
+        if self.remote is not None:
+            self.remote.upload_final(final, NATIVE_CONFIG)
+        return final
 
     @staticmethod
     def final_weights(recipe: Recipe) -> str:

@@ -40,6 +40,7 @@ from beitdist.run.ema import ModelEma
 from beitdist.run.evaluator import Evaluator, sample_of
 from beitdist.run.files import write_atomic
 from beitdist.run.rundir import RunDir
+from beitdist.run.storage import RemoteRun
 
 log = logging.getLogger("beitdist.train")  # the name users know the loop's log lines by
 
@@ -124,6 +125,7 @@ class Trainer:
             rank=self.rank, world_size=self.world, seed=recipe.seed,
             tokenizer_input_size=getattr(self.tokenizer, "input_size", None),
         )
+        self.remote = self._remote_run()
         self.resume_tag = self._resume_tag()
         _seed_everything(recipe.seed, 0, rank=0)  # the same initial weights on every rank (ZeRO-3 shards them)
         with self.engine.model_construction():
@@ -144,12 +146,25 @@ class Trainer:
             self._load(self.resume_tag)
         self.evaluator = Evaluator(self.engine, self.module, self.val_loader, self._prepare, self.device, self.rank,
                                    recipe.train.eval_mode)
-        self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints, self.ema)
+        self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints, self.ema,
+                                       self.remote, self.dist_info.local_rank)
         self.flops_per_image, self.peak_flops = self._flops(backbone)
         self.context = TrainContext(recipe.name, self.run_dir, self.rank, self.world, recipe, self.module,
                                     extras={"resumed_step": self.step, "gflops_per_image": (
                                         self.flops_per_image / 1e9 if self.flops_per_image else None)})
         self.timing.update(setup_done_at=time.time(), first_timed_step=self.step + 1)
+
+    def _remote_run(self) -> RemoteRun | None:
+        """An object-store output_dir: the first rank of each node downloads the resume point into
+        its staging copy before any rank looks for one (`beitdist.run.storage`)."""
+        url = self.recipe.run_url
+        if url is None:
+            return None
+        remote = RemoteRun(url, self.run_dir, self.recipe.storage.options)
+        if self.dist_info.local_rank == 0:
+            remote.pull_resume_point()
+        dist.barrier()
+        return remote
 
     def _resume_tag(self) -> str | None:
         """The newest complete checkpoint, as the engine loads it (DeepSpeed converts one saved at
@@ -470,6 +485,8 @@ class Trainer:
                        "timing": self.timing, "corrupt_skipped": skipped,
                        "final_weights": self.writer.final_weights(self.recipe) if final_dir else None}
             write_atomic(self.layout.result_file, json.dumps(summary, indent=1))
+            if self.remote is not None:
+                self.remote.upload_file(self.layout.result_file)
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)
         dist.barrier()

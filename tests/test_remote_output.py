@@ -1,0 +1,151 @@
+"""A run kept in object storage (`output_dir: s3://...`) against an S3-compatible server (moto's,
+started by the test on 127.0.0.1): checkpoints committed in the store (manifest from the store's
+listing, `latest` last), a run killed mid-way resumed on a "new node" (an empty staging cache) to
+the weights of an uninterrupted run, and nothing written outside the bucket but the caches."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from beitdist.distributed import free_port
+from beitdist.preflight import PreflightError, check_remote_output
+from beitdist.recipe import parse_recipe
+from beitdist.run.checkpoints import MANIFEST, commit_checkpoint, complete_tags
+from beitdist.run.storage import RemoteRun, staging_dir
+from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
+from tests.test_remote_data import BUCKET, s3  # noqa: F401 - the moto server fixture
+
+pytest.importorskip("s3fs")
+
+
+def _fake_checkpoint(run_dir: Path, tag: str, payload: bytes) -> None:
+    tag_dir = run_dir / "checkpoints" / tag
+    (tag_dir / "beitdist_ema").mkdir(parents=True)
+    (tag_dir / "shard.pt").write_bytes(payload)
+    (tag_dir / "beitdist_ema" / "rank_00000.safetensors").write_bytes(payload[::-1])
+    commit_checkpoint(run_dir / "checkpoints", tag, 1)
+
+
+def test_commit_resume_point_and_prune_in_the_store(s3, tmp_path):
+    options, client = s3
+    url = f"s3://{BUCKET}/unit/run"
+    node_a = RemoteRun(url, tmp_path / "a", options)
+    for step, payload in ((1, b"one"), (2, b"two!"), (3, b"three")):
+        tag = f"step_{step}"
+        _fake_checkpoint(tmp_path / "a", tag, payload)
+        node_a.upload_checkpoint_files(tag)
+        if step < 3:  # step 3: uploaded, but the run died before rank 0's commit
+            node_a.commit_checkpoint(tag, 1)
+    assert node_a.complete_tags() == ["step_2", "step_1"]
+    latest = client.get_object(Bucket=BUCKET, Key="unit/run/checkpoints/latest")["Body"].read()
+    assert latest == b"step_2"
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key=f"unit/run/checkpoints/step_2/{MANIFEST}")["Body"].read())
+    assert manifest["files"] == {"beitdist_ema/rank_00000.safetensors": 4, "shard.pt": 4}  # the store's listing
+    # a node with the local step_3 (complete locally, never committed to the store) drops it and
+    # resumes the store's newest, as a new node with an empty cache does
+    assert node_a.pull_resume_point() == "step_2"
+    assert complete_tags(tmp_path / "a" / "checkpoints", quiet=True) == ["step_2", "step_1"]
+    node_b = RemoteRun(url, tmp_path / "b", options)
+    assert node_b.pull_resume_point() == "step_2"
+    assert (tmp_path / "b/checkpoints/step_2/shard.pt").read_bytes() == b"two!"
+    assert (tmp_path / "b/checkpoints/latest").read_text() == "step_2"
+    assert complete_tags(tmp_path / "b" / "checkpoints", quiet=True) == ["step_2"]
+    # a truncated object makes its checkpoint incomplete: the previous one is the resume point
+    client.put_object(Bucket=BUCKET, Key="unit/run/checkpoints/step_2/shard.pt", Body=b"tw")
+    assert node_b.complete_tags() == ["step_1"]
+    node_a.commit_checkpoint("step_3", 1)
+    assert node_a.prune(1, "step_3") == ["step_1"]
+    assert node_a.complete_tags() == ["step_3"]
+
+
+def test_an_unreachable_store_is_one_line_before_any_compute(s3, tmp_path):
+    options, _ = s3
+    recipe = parse_recipe(merge(TINY_RECIPE, {"output_dir": "s3://no-such-bucket/runs",
+                                              "storage": {"options": options, "cache_dir": str(tmp_path)}}),
+                          plugins=False)
+    with pytest.raises(PreflightError, match=r"output_dir: cannot write to s3://no-such-bucket/runs/tiny \(.*\); "
+                                             r"check the bucket, storage.options"):
+        check_remote_output(recipe)
+    assert staging_dir("s3://b/x/../y", "run", str(tmp_path)) == tmp_path.resolve() / "s3/b/x/y/run"
+
+
+def _progress_step(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
+    options, client = s3
+    base = merge(TINY_RECIPE, {"engine": {"zero_stage": 2},
+                               "train": {"steps": 12, "checkpoint_every": 4, "keep_checkpoints": 2, "log_every": 0}})
+    reference = merge(base, {"name": "reference"})
+    run_recipe(reference, tmp_path)
+
+    remote = merge(base, {"name": "remote", "output_dir": f"s3://{BUCKET}/runs",
+                          "storage": {"options": options, "cache_dir": str(tmp_path / "cache_a")}})
+    work = tmp_path / "work"  # the commands' working directory: nothing may be written there
+    work.mkdir()
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(remote))
+    staging = parse_recipe(remote, plugins=False).run_dir
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "beitdist", "-v", "train", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=work)
+    try:
+        deadline = time.monotonic() + 300
+        while _progress_step(staging) < 6 and torchrun.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ranks = [int(p.name) for p in Path("/proc").glob("[0-9]*") if _ppid(p) == torchrun.pid]
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[0], signal.SIGKILL)
+        _, err = torchrun.communicate(timeout=240)
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+    assert torchrun.returncode != 0, err[-3000:]
+    store = RemoteRun(f"s3://{BUCKET}/runs/remote", tmp_path / "unused", options)
+    committed = store.complete_tags()
+    assert committed and committed[0] in ("step_4", "step_8"), committed
+
+    # a "new node": an empty staging cache; everything it needs comes from the store
+    again = merge(remote, {"storage": {"cache_dir": str(tmp_path / "cache_b")}})
+    out = run_recipe(again, tmp_path)
+    assert f"resumed from {committed[0]} at step {committed[0].split('_')[1]}" in out.stderr
+    assert store.complete_tags() == ["step_12", "step_8"]  # keep_checkpoints: 2, in the store too
+    assert client.get_object(Bucket=BUCKET, Key="runs/remote/checkpoints/latest")["Body"].read() == b"step_12"
+    result = json.loads(client.get_object(Bucket=BUCKET, Key="runs/remote/train_result.json")["Body"].read())
+    assert result["step"] == 12 and result["losses"] == pytest.approx(
+        result_of(reference, tmp_path)["losses"][int(committed[0].split("_")[1]):], abs=1e-6)
+    final = load_safetensors(client.get_object(Bucket=BUCKET, Key="runs/remote/final/model.safetensors")["Body"].read())
+    config = json.load(io.BytesIO(client.get_object(Bucket=BUCKET, Key="runs/remote/final/beitdist_config.json")["Body"].read()))
+    assert config["format"] == "beitdist"
+    expected = load_file(str(tmp_path / "runs/reference/final/model.safetensors"))
+    assert sorted(final) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, atol=1e-6, rtol=0, msg=key)
+    assert list(work.iterdir()) == []  # nothing outside the bucket but the caches
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1

@@ -163,7 +163,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _record_worker(recipe.run_dir, dist_info.rank)
     from beitdist.train import run  # after the record: its imports (DeepSpeed, data) count as set-up
 
-    run(recipe, dist_info, reporter=report)
+    run(recipe, dist_info, reporter=report, drain_probe=ray_drain_probe)
+
+
+def ray_drain_probe() -> str | None:
+    """Ray Train's notice that a node of this worker group is being drained (a spot reclaim, an
+    autoscaler scale-down): the nodes and the deadline, or None. A barrier over the workers."""
+    import ray.train
+
+    get_info = getattr(ray.train, "get_preemption_info", None)  # absent from older Ray releases
+    info = get_info() if get_info is not None else None
+    if info is None:
+        return None
+    deadline = (f", deadline in {max(info.deadline_ms / 1000 - time.time(), 0):.0f} s"
+                if info.deadline_ms else "")
+    return f"Ray is draining node(s) {', '.join(info.preempted_node_ids)} (ranks {info.preempted_ranks}{deadline})"
 
 
 def _record_worker(run_dir: Path, rank: int) -> None:

@@ -130,3 +130,35 @@ def test_sigterm_to_one_rank_checkpoints_that_step_and_the_relaunch_finishes_the
     b = load_file(str(run_dir / "final/model.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+DRAIN_SCRIPT = """
+import json, sys
+from beitdist.recipe import parse_recipe
+from beitdist.train import run
+
+calls = []
+
+def probe():
+    calls.append(1)
+    return "Ray is draining node(s) n1" if len(calls) == 2 else None
+
+result = run(parse_recipe(json.loads(sys.argv[1])), drain_probe=probe)
+print(json.dumps({"calls": len(calls), "step": result.step}))
+"""
+
+
+def test_a_drain_notice_checkpoints_that_step_and_training_goes_on(tmp_path):
+    """Ray's node-drain notice (asked every 10 steps, on every rank alike): a checkpoint of that
+    step at once, then training continues; the restart after the node is gone resumes there."""
+    recipe = merge(TINY_RECIPE, {"name": "drained", "output_dir": str(tmp_path / "runs"),
+                                 "train": {"steps": 25, "log_every": 0, "keep_checkpoints": 5}})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", DRAIN_SCRIPT, json.dumps(recipe)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"calls": 2, "step": 25}  # asked at 10, 20; once
+    assert "Ray is draining node(s) n1: checkpointing step 20 now" in done.stderr
+    checkpoints = tmp_path / "runs/drained/checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_20", "step_25"]
+    assert checkpoint_problems(checkpoints / "step_20") == []

@@ -45,6 +45,10 @@ from beitdist.run.storage import RemoteRun
 log = logging.getLogger("beitdist.train")  # the name users know the loop's log lines by
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
+DrainProbe = Callable[[], "str | None"]
+DRAIN_PROBE_EVERY = 10
+"""Steps between two questions to the drain probe. Ray's answer is a barrier over the workers
+(every worker asks as often), and a drain notice comes tens of seconds to minutes ahead."""
 
 
 class PreemptedError(RunFailedError):
@@ -80,10 +84,15 @@ def _seed_everything(seed: int, step: int, rank: int) -> None:
 class Trainer:
     """Holds the pieces of one run on one rank; `run()` drives it."""
 
-    def __init__(self, recipe: Recipe, dist_info: DistInfo, reporter: Reporter | None = None) -> None:
+    def __init__(self, recipe: Recipe, dist_info: DistInfo, reporter: Reporter | None = None,
+                 drain_probe: DrainProbe | None = None) -> None:
         self.recipe = recipe
         self.dist_info = dist_info
         self.reporter = reporter
+        self.drain_probe = drain_probe
+        """Asked every DRAIN_PROBE_EVERY steps, on every rank alike: why a node of this run is about
+        to be taken away (Ray's node drain), or None."""
+        self._drain_saved = False
         self.run_dir = recipe.run_dir
         self.layout = RunDir(self.run_dir)
         self.ckpt_dir = self.layout.checkpoints
@@ -389,6 +398,20 @@ class Trainer:
             self._report_failure(err)
             raise
 
+    def _node_draining(self) -> bool:
+        """Once per run: whether the drain probe (asked every DRAIN_PROBE_EVERY steps) reports a
+        node about to go."""
+        if self.drain_probe is None or self._drain_saved or self.step % DRAIN_PROBE_EVERY:
+            return False
+        reason = self.drain_probe()
+        if reason is None:
+            return False
+        self._drain_saved = True
+        if self.rank == 0:
+            log.warning("%s: checkpointing step %d now (the restart after the node is gone resumes there)", reason,
+                        self.step)
+        return True
+
     def _stop_preempted(self, saved: bool, step_metrics: dict[str, float], metrics: dict[str, float],
                         checkpoint: Path | None) -> Path:
         """Every rank, after the step they agreed on: checkpoint it (unless this step saved one
@@ -461,6 +484,15 @@ class Trainer:
                 self._write_progress(step_metrics, metrics, force=True)
             if self._stop_requested:
                 checkpoint = self._stop_preempted(bool(saving), step_metrics, metrics, checkpoint)
+            if self._node_draining():
+                # a node goes soon: checkpoint this step and train on; when the node is gone Ray
+                # Train restarts the worker group, which resumes here (not at the last periodic one)
+                if not saving:
+                    checkpoint = self.save({**step_metrics, **metrics})
+                    if self.reporter is not None:
+                        self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
+                    self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
+                    self._write_progress(step_metrics, metrics, force=True)
             side_s = time.perf_counter() - side_start
             if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)
@@ -499,6 +531,7 @@ def _result_from(path: Path) -> TrainResult:
     return TrainResult(int(saved["step"]), dict(saved.get("metrics") or {}), list(saved.get("losses") or []), final_dir)
 
 
-def run(recipe: Recipe, dist_info: DistInfo | None = None, reporter: Reporter | None = None) -> TrainResult:
+def run(recipe: Recipe, dist_info: DistInfo | None = None, reporter: Reporter | None = None,
+        drain_probe: DrainProbe | None = None) -> TrainResult:
     """Train `recipe` on this rank (one process of a torchrun / Ray / plain run)."""
-    return Trainer(recipe, dist_info or DistInfo.from_env(), reporter).run()
+    return Trainer(recipe, dist_info or DistInfo.from_env(), reporter, drain_probe).run()

@@ -10,15 +10,21 @@ torch process group) in `beitdist.engines.deepspeed.comm`, which reuses `select_
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from beitdist.errors import RunFailedError
+from beitdist.network import DEFAULT_ROUTE_PROBE, bind_collectives, loopback_problem, rendezvous_hint, route_source
 
 if TYPE_CHECKING:
     from beitdist.engines.config import EngineConfig
@@ -96,11 +102,22 @@ def rendezvous_env(dist_info: DistInfo) -> str:
     """Put this rank's place in the environment (`env://` rendezvous; a lone process gets a free
     port) and return the collective backend: nccl on GPUs, gloo on CPU."""
     port = dist_info.master_port or free_port()
+    local_size = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or str(dist_info.world_size)
+    if dist_info.world_size > 1:  # the interface this node reaches MASTER_ADDR through (beitdist.network)
+        source = route_source(dist_info.master_addr)
+        if int(local_size) < dist_info.world_size and (source is None or ipaddress.ip_address(source).is_loopback):
+            # MASTER_ADDR is this host's own name, resolving to 127.0.1.1 here (and to the real
+            # address on the other nodes): the interface of the default route instead
+            source = route_source(DEFAULT_ROUTE_PROBE)
+        bind_collectives(source, cuda=uses_cuda())
+        problem = None if uses_cuda() else loopback_problem(dist_info.world_size, int(local_size))
+        if problem is not None:
+            raise RendezvousError(problem)
     os.environ.update(
         RANK=str(dist_info.rank), WORLD_SIZE=str(dist_info.world_size), LOCAL_RANK=str(dist_info.local_rank),
         # ranks on this node: DeepSpeed's CPU shared-memory all-reduce is used only when it equals
         # the world size (every rank on one machine); a multi-node torchrun says it per node
-        LOCAL_SIZE=os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or str(dist_info.world_size),
+        LOCAL_SIZE=local_size,
         MASTER_ADDR=dist_info.master_addr, MASTER_PORT=str(port),
     )
     return "nccl" if uses_cuda() else "gloo"
@@ -113,6 +130,26 @@ def init_process_group(dist_info: DistInfo) -> None:
     if dist.is_initialized():
         return
     comm = rendezvous_env(dist_info)
-    dist.init_process_group(comm, init_method="env://", rank=dist_info.rank, world_size=dist_info.world_size,
-                            timeout=PROCESS_GROUP_TIMEOUT)
+    with rendezvous_errors():
+        dist.init_process_group(comm, init_method="env://", rank=dist_info.rank, world_size=dist_info.world_size,
+                                timeout=PROCESS_GROUP_TIMEOUT)
+
+
+class RendezvousError(RunFailedError):
+    """The ranks could not connect to each other (a peer advertised an address the others cannot
+    reach, or a firewall); every rank fails alike, so no final barrier."""
+
+    all_ranks = False
+
+
+@contextlib.contextmanager
+def rendezvous_errors() -> Iterator[None]:
+    """A failed connect inside `init_process_group` becomes RendezvousError with the hint."""
+    try:
+        yield
+    except (RuntimeError, OSError) as err:  # torch's DistBackendError is a RuntimeError
+        hint = rendezvous_hint(str(err))
+        if hint is None:
+            raise
+        raise RendezvousError(hint) from err
 

@@ -228,6 +228,11 @@ def _run_failed(recipe: Recipe, error: BaseException, max_failures: int) -> RunF
     what = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
     restarts = "no restarts allowed" if max_failures == 0 else f"after {max_failures} restarts" if max_failures > 0 \
         else "restarts unlimited"
+    from beitdist.network import rendezvous_hint
+
+    hint = rendezvous_hint(str(cause))
+    if hint is not None:
+        what = hint
     message = f"run {recipe.name!r} failed on its workers ({restarts}): {what}; {_checkpoint_note(recipe)}"
     return RunFailedError(message, exit_code=2 if isinstance(cause, InputError) else 1)
 

@@ -17,7 +17,8 @@ path (ray/train/v2/_internal/execution/context.py: `logging.getLogger(__file__)`
 sets that logger to WARNING. `VERBOSE_ENV` tells every process of a verbose launch
 (`beitdist -v launch`) to keep all of it.
 
-It also makes SIGTERM a request to stop at a step boundary with a checkpoint while a training
+It also binds the collectives to the interface of the Ray node's address (`beitdist.network`:
+on a real cluster gloo would otherwise advertise 127.0.1.1), and makes SIGTERM a request to stop at a step boundary with a checkpoint while a training
 loop runs in the process (pre-emption, `beitdist.run.preemption`): Ray installs its own SIGTERM
 handler (exit at once) right after this hook, so the hook wraps the function Ray installs it with.
 
@@ -57,6 +58,24 @@ def setup_worker() -> None:
     """The runtime_env `worker_process_setup_hook` of a launch."""
     quiet_ray_internals()
     intercept_sigterm()
+    bind_to_node_address()
+
+
+def bind_to_node_address() -> None:
+    """Collectives on the interface of this Ray node's address (`beitdist.network`): set here,
+    before Ray Train creates the torch process group in this process, and only where the user
+    (or `ray start`'s environment) left the variables unset."""
+    from beitdist.network import bind_collectives
+
+    ray = sys.modules.get("ray")
+    try:
+        address = ray.util.get_node_ip_address() if ray is not None else None
+    except Exception:  # noqa: BLE001 - not connected yet: the libraries' defaults stay
+        address = None
+    chosen = bind_collectives(address)
+    if chosen:
+        logging.getLogger("beitdist.network").info("collectives bound to %s (the interface of node address %s)",
+                                                    chosen.get("GLOO_SOCKET_IFNAME", "?"), address)
 
 
 def intercept_sigterm() -> None:

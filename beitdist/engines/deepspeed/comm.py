@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from beitdist.distributed import DistInfo, rendezvous_env, select_device, uses_cuda
+from beitdist.distributed import DistInfo, rendezvous_env, rendezvous_errors, select_device, uses_cuda
 from beitdist.engines.deepspeed.importing import import_deepspeed
 from beitdist.engines.deepspeed.output import printed_to_log
 
@@ -26,7 +26,8 @@ def init_distributed(dist_info: DistInfo) -> None:
             deepspeed.init_distributed(dist_backend=dist.get_backend())
         else:
             comm = rendezvous_env(dist_info)
-            deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False, verbose=False)
+            with rendezvous_errors():
+                deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False, verbose=False)
     _release_shm_buffer()
 
 

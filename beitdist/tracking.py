@@ -86,7 +86,7 @@ def resolve_uri(tracking: Any, run_dir: Path) -> tuple[str, str | None]:
     if not uri:
         uri = f"sqlite:///{RunDir(Path(run_dir).resolve()).mlflow_db}"
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        return uri, (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+        return uri, (Path(uri.removeprefix("sqlite:///")).resolve().parent / RunDir.MLFLOW_ARTIFACTS).as_uri()
     return uri, None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,8 +98,8 @@ def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
     reference = merge(base, {"name": "reference"})
     run_recipe(reference, tmp_path)
 
-    remote = merge(base, {"name": "remote", "output_dir": f"s3://{BUCKET}/runs",
-                          "storage": {"options": options, "cache_dir": str(tmp_path / "cache_a")}})
+    remote = merge(base, {"name": "remote", "output_dir": f"s3://{BUCKET}/runs", "tracking": {"enabled": True},
+                          "storage": {"options": options, "cache_dir": str(tmp_path / "cache")}})
     work = tmp_path / "work"  # the commands' working directory: nothing may be written there
     work.mkdir()
     path = tmp_path / "remote.yaml"
@@ -125,9 +126,9 @@ def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
     committed = store.complete_tags()
     assert committed and committed[0] in ("step_4", "step_8"), committed
 
-    # a "new node": an empty staging cache; everything it needs comes from the store
-    again = merge(remote, {"storage": {"cache_dir": str(tmp_path / "cache_b")}})
-    out = run_recipe(again, tmp_path)
+    # a "new node": the staging cache is empty; everything it needs comes from the store
+    shutil.rmtree(tmp_path / "cache")
+    out = run_recipe(remote, tmp_path)
     assert f"resumed from {committed[0]} at step {committed[0].split('_')[1]}" in out.stderr
     assert store.complete_tags() == ["step_12", "step_8"]  # keep_checkpoints: 2, in the store too
     assert client.get_object(Bucket=BUCKET, Key="runs/remote/checkpoints/latest")["Body"].read() == b"step_12"
@@ -142,6 +143,25 @@ def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, atol=1e-6, rtol=0, msg=key)
     assert list(work.iterdir()) == []  # nothing outside the bucket but the caches
+    _check_mlflow_in_store(client, tmp_path / "downloaded")
+
+
+def _check_mlflow_in_store(client, where: Path) -> None:
+    """The default MLflow store went to the bucket and continued on the new node: one run,
+    FINISHED, every step's loss once, the final weights among its artifacts."""
+    from mlflow import MlflowClient
+
+    where.mkdir()
+    (where / "mlflow.db").write_bytes(client.get_object(Bucket=BUCKET, Key="runs/remote/mlflow.db")["Body"].read())
+    mlflow = MlflowClient(f"sqlite:///{where / 'mlflow.db'}")
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("beitdist").experiment_id])
+    assert run.info.status == "FINISHED"
+    run_id = client.get_object(Bucket=BUCKET, Key="runs/remote/mlflow_run_id")["Body"].read().decode()
+    assert run.info.run_id == run_id
+    steps = sorted(m.step for m in mlflow.get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, 13)), steps
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/remote/mlartifacts/")["Contents"]}
+    assert any(k.endswith(f"{run_id}/artifacts/final/model.safetensors") for k in keys), sorted(keys)[:20]
 
 
 def _ppid(proc: Path) -> int:

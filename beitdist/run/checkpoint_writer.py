@@ -94,6 +94,7 @@ class CheckpointWriter:
             dist.barrier()
             if self.rank == 0:
                 self.remote.commit_checkpoint(tag, dist.get_world_size())
+                self.remote.push_run_files()
             dist.barrier()
         except Exception as err:  # noqa: BLE001 - the object store's client raises its own kinds
             kept = self.remote.complete_tags() if self.rank == 0 else []

@@ -8,6 +8,7 @@
       progress.json           rank 0's live progress, read by the progress bar
       mlflow.db               the default MLflow store (sqlite), when tracking.uri is unset
       mlflow_run_id           the MLflow run this run directory logs to, across restarts
+      mlartifacts/            the default MLflow store's artifacts (pictures, recipe, final weights)
       launch.json             when `beitdist launch` started and when Ray was up
       workers/rank_R.json     which node, host and process runs each rank (Ray)
       eval/<mode>.json        `beitdist evaluate`'s results (metrics, per class, confusion matrix)
@@ -33,6 +34,7 @@ class RunDir:
     STATE_FILE = "beitdist_state.json"
     MLFLOW_DB = "mlflow.db"
     MLFLOW_RUN_ID = "mlflow_run_id"
+    MLFLOW_ARTIFACTS = "mlartifacts"
     LAUNCH = "launch.json"
     WORKERS = "workers"
     EVAL = "eval"
@@ -84,6 +86,10 @@ class RunDir:
     @property
     def mlflow_db(self) -> Path:
         return self.path / self.MLFLOW_DB
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.path / self.MLFLOW_ARTIFACTS
 
     @property
     def mlflow_run_id_file(self) -> Path:

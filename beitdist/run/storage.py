@@ -17,7 +17,10 @@ the object store holds the run's truth:
   the store never committed, so every rank resumes the same step;
 - the end: rank 0 downloads the shards of the last checkpoint that other nodes wrote, consolidates
   them, and uploads `final/` (weights first, its config last: `load_model` needs the config) and
-  `train_result.json`. Pruning removes a checkpoint's manifest first, then its files.
+  `train_result.json`. Pruning removes a checkpoint's manifest first, then its files;
+- the default MLflow store (the sqlite file, its run id and artifacts) and `eval/` are uploaded by
+  rank 0 with each checkpoint and at the end, and downloaded on a node whose staging copy logs to
+  another MLflow run (or none), so the run's history continues where the store has it.
 
 The client is fsspec (s3fs for `s3://`, the `s3` extra); `storage.options` are its keyword
 arguments (S3-compatible stores: `endpoint_url`, `key`, `secret`, `client_kwargs`), or s3fs reads
@@ -26,9 +29,11 @@ the usual AWS_* variables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -144,6 +149,7 @@ class RemoteRun:
             if tag not in remote:
                 log.info("dropping %s from the staging copy: %s holds no complete copy of it", tag, self.url)
                 discard_checkpoint(self.local.checkpoints, tag)
+        self.pull_run_files()
         result = self._read_text(RunDir.RESULT)
         if result is not None:
             self.local.path.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,44 @@ class RemoteRun:
         log.info("resume point %s downloaded from %s", newest, self.url)
         return newest
 
+    def pull_run_files(self) -> None:
+        """The default MLflow store (sqlite file, run id, artifacts) and evaluations, when the
+        store's MLflow run is not the one this staging copy already logs to (a new node, an empty
+        cache, or a store a preflight created empty): the run's history continues from the store."""
+        remote_id = self._read_text(RunDir.MLFLOW_RUN_ID)
+        local_id = self.local.mlflow_run_id_file.read_text() if self.local.mlflow_run_id_file.exists() else None
+        if remote_id is not None and remote_id != local_id:
+            self._download(RunDir.MLFLOW_DB)
+            write_atomic(self.local.mlflow_run_id_file, remote_id)
+        for folder in (RunDir.MLFLOW_ARTIFACTS, RunDir.EVAL):
+            for name, size in self._sizes(folder).items():
+                self._download(f"{folder}/{name}", size)
+
     # ------------------------------------------------------------- writing
+    def push_run_files(self) -> None:
+        """Rank 0: the default MLflow store (a consistent snapshot of the sqlite file, taken with
+        sqlite's backup API while the tracking thread may write), its run id and artifacts, and
+        the evaluations; files already in the store with their size are not sent again."""
+        database = self.local.mlflow_db
+        if database.is_file():
+            snapshot = database.with_name(f".{database.name}.{os.getpid()}.snapshot")
+            try:
+                with contextlib.closing(sqlite3.connect(database)) as source, \
+                        contextlib.closing(sqlite3.connect(snapshot)) as copy:
+                    source.backup(copy)
+                self.fs.put_file(str(snapshot), self._path(RunDir.MLFLOW_DB))
+            finally:
+                snapshot.unlink(missing_ok=True)
+        if self.local.mlflow_run_id_file.is_file():
+            self.upload_file(self.local.mlflow_run_id_file)
+        for folder in (self.local.mlflow_artifacts, self.local.path / RunDir.EVAL):
+            if not folder.is_dir():
+                continue
+            present = self._sizes(folder.name)
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and present.get(path.relative_to(folder).as_posix()) != path.stat().st_size:
+                    self.upload_file(path)
+
     def upload_checkpoint_files(self, tag: str) -> None:
         """This node's files of checkpoint `tag` (not its manifest, which only rank 0 writes)."""
         tag_dir = self.local.tag(tag)

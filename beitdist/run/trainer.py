@@ -521,6 +521,8 @@ class Trainer:
                 self.remote.upload_file(self.layout.result_file)
         plugins.emit("beitdist_on_train_end", context=self.context, step=self.step, metrics=metrics,
                      final_dir=str(final_dir) if final_dir else None)
+        if self.remote is not None and self.rank == 0:  # the MLflow run as the callbacks left it
+            self.remote.push_run_files()
         dist.barrier()
         return result
 

@@ -225,3 +225,77 @@ def test_a_node_forced_onto_loopback_ends_in_one_line_at_once(nodes: Nodes, tmp_
     assert len(lines) == 1, worker_out[-4000:]
     assert ("the ranks could not connect to each other: this run spans nodes (1 of 2 ranks here) but "
             "GLOO_SOCKET_IFNAME=lo is a loopback interface") in lines[0]
+
+
+def test_nodes_without_a_shared_file_system_resume_elastically_from_the_store(nodes: Nodes, tmp_path: Path) -> None:
+    """The object-store case across two addresses, each node with its own staging cache: node A
+    trains alone up to a checkpoint at step 3 (stop_at), then both nodes resume it on 2 ranks.
+    Each node downloads the checkpoint, converts it to a universal one itself (another world
+    size), uploads its shards of later checkpoints; rank 0 fetches node B's shards to consolidate.
+    The final weights equal those of an uninterrupted 1-rank run (global batch pinned)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    pytest.importorskip("boto3")
+    port = 5117
+    endpoint = f"http://{HEAD_IP}:{port}"
+    server = subprocess.Popen(nodes.cmd(nodes.head, sys.executable, "-m", "moto.server", "-H", HEAD_IP, "-p", str(port)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+                   "client_kwargs": {"region_name": "us-east-1"}}
+        make_bucket = ("import boto3, sys, time, json\n"
+                       "o = json.loads(sys.argv[1])\n"
+                       "s3 = boto3.client('s3', endpoint_url=o['endpoint_url'], aws_access_key_id='testing', "
+                       "aws_secret_access_key='testing', region_name='us-east-1')\n"
+                       "for _ in range(150):\n"
+                       "    try:\n"
+                       "        s3.create_bucket(Bucket='runs-bucket'); break\n"
+                       "    except Exception as err: error = err; time.sleep(0.2)\n"
+                       "else: sys.exit(f'no S3 server: {error!r}')\n")
+        subprocess.run(nodes.cmd(nodes.head, sys.executable, "-c", make_bucket, json.dumps(options)), check=True,
+                       timeout=60)
+        base = {"model": {"backbone": {"drop_path_rate": 0.0}}, "engine": {"zero_stage": 2},
+                "scaling": {"global_batch_size": 16}, "train": {"steps": 6, "checkpoint_every": 3, "log_every": 1}}
+        reference = _recipe(tmp_path, "reference", **base)
+        done = subprocess.run([sys.executable, "-m", "beitdist", "train", str(reference)], capture_output=True,
+                              text=True, cwd=tmp_path, env=_env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+        remote = _recipe(tmp_path, "remote", **{**base, "output_dir": "s3://runs-bucket/runs",
+                                                "storage": {"options": options}})
+        cache = {"a": tmp_path / "cache_a", "b": tmp_path / "cache_b"}
+        first = subprocess.run(nodes.cmd(nodes.head, sys.executable, "-m", "beitdist", "-v", "train", str(remote),
+                                         "--set", "train.stop_at=3", "--set", f"storage.cache_dir={cache['a']}"),
+                               capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]
+        procs = []
+        for rank, (namespace, node) in enumerate(((nodes.head, "a"), (nodes.worker, "b"))):
+            procs.append(subprocess.Popen(
+                nodes.cmd(namespace, sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                          f"--node-rank={rank}", f"--master-addr={HEAD_IP}", "--master-port=29518",
+                          "-m", "beitdist", "-v", "train", str(remote), "--set", f"storage.cache_dir={cache[node]}"),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=_env(),
+                start_new_session=True))
+        outputs = []
+        try:
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=300)[0])
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+        assert all("saved by 1 ranks, resuming on 2" in out for out in outputs)  # each node converted its copy
+        staged = {node: next(path.rglob("runs/remote")) for node, path in cache.items()}
+        kept = sorted(p.name for p in (staged["b"] / "checkpoints").iterdir() if p.is_dir())
+        assert kept == ["step_3", "step_6"], kept  # the resume point it downloaded and its newest shards
+        assert not (staged["b"] / "final").exists()
+        final = load_file(str(staged["a"] / "final/model.safetensors"))
+        expected = load_file(str(tmp_path / "runs/reference/final/model.safetensors"))
+        assert sorted(final) == sorted(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(final[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -54,9 +54,11 @@ class TrainEngine(ABC):
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision, torch.float32)
 
     # ------------------------------------------------------------------ set-up
-    def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int) -> str:
+    def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int, converter: bool | None = None) -> str:
         """The tag to load for checkpoint `tag` saved by `saved_world_size` ranks (every rank calls
-        it, before `build`). Default: the checkpoint itself, at any world size."""
+        it, before `build`). Default: the checkpoint itself, at any world size. `converter`: whether
+        this rank writes a conversion the engine needs (default rank 0; the first rank of each node
+        when the nodes share no file system)."""
         return tag
 
     @contextlib.contextmanager

@@ -122,8 +122,11 @@ class CheckpointWriter:
         """Another node's staging copy: its files of older checkpoints are in the store, and
         without a manifest (rank 0 writes it) they are of no use here."""
         for tag_dir in self.ckpt_dir.iterdir():
-            if (tag_dir.is_dir() and ckpts.TAG_PATTERN.fullmatch(tag_dir.name) and tag_dir.name != newest
-                    and not (tag_dir / ckpts.MANIFEST).exists()):
+            if not tag_dir.is_dir():
+                continue
+            uploaded = (ckpts.TAG_PATTERN.fullmatch(tag_dir.name) and tag_dir.name != newest
+                        and not (tag_dir / ckpts.MANIFEST).exists())
+            if uploaded or tag_dir.name.endswith("_universal"):  # a resume's conversion: loaded, not needed again
                 shutil.rmtree(tag_dir, ignore_errors=True)
 
     def consolidate(self, tag: str, recipe: Recipe) -> Path:

@@ -195,7 +195,9 @@ class Trainer:
                 f"{self.layout.tag(tag)}: written by the {written_by} engine, but engine.backend is {backend}; resume "
                 f"with engine.backend: {written_by}, or start a new run (another name or output_dir) with "
                 f"model.init: {self.run_dir} (its consolidated weights)")
-        return self.engine.resume_tag(self.ckpt_dir, tag, ckpts.saved_world_size(self.layout.tag(tag)))
+        # each node converts its own staging copy when the run lives in an object store
+        converter = self.rank == 0 if self.remote is None else self.dist_info.local_rank == 0
+        return self.engine.resume_tag(self.ckpt_dir, tag, ckpts.saved_world_size(self.layout.tag(tag)), converter)
 
     def _init_weights(self, model: BeitForTask) -> None:
         recipe = self.recipe

@@ -36,14 +36,14 @@ class DeepSpeedEngine(TrainEngine):
         self.ds_config = deepspeed_config(self.config, self.optim, self.micro_batch, self.world_size)
 
     # ------------------------------------------------------------------ set-up
-    def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int) -> str:
+    def resume_tag(self, ckpt_dir: Path, tag: str, saved_world_size: int, converter: bool | None = None) -> str:
         """DeepSpeed cannot re-partition ZeRO state for another world size directly: convert the
         checkpoint to the universal format (rank 0, once) and load that."""
         if saved_world_size == self.world_size or not any((Path(ckpt_dir) / tag).glob("*optim_states.pt")):
             return tag  # same world size, or ZeRO-0: the whole optimizer state is in one file, unsharded
         log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting to a universal checkpoint",
                  tag, saved_world_size, self.world_size)
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0 if converter is None else converter:
             checkpoints.to_universal(ckpt_dir, tag)
         dist.barrier()
         self.ds_config["checkpoint"] = {"load_universal": True}

@@ -21,8 +21,8 @@ from beitdist.recipe import Recipe
 from beitdist.run import checkpoints as ckpts
 from beitdist.run.ema import ModelEma, ema_state_dict
 from beitdist.run.files import write_atomic
-from beitdist.run.storage import RemoteRun
 from beitdist.run.rundir import RunDir
+from beitdist.run.storage import RemoteRun
 
 log = logging.getLogger("beitdist.train")  # the training loop's log lines keep the name users filter on
 
@@ -97,7 +97,10 @@ class CheckpointWriter:
                 self.remote.push_run_files()
             dist.barrier()
         except Exception as err:  # noqa: BLE001 - the object store's client raises its own kinds
-            kept = self.remote.complete_tags() if self.rank == 0 else []
+            try:
+                kept = self.remote.complete_tags() if self.rank == 0 else []
+            except Exception:  # noqa: BLE001 - the store is unreachable: what is intact is unknown here
+                kept = []
             previous = next((t for t in kept if t != tag), None)
             raise CheckpointSaveError(
                 f"could not upload checkpoint {tag} to {self.remote.url} ({type(err).__name__}: "

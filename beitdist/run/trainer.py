@@ -414,15 +414,20 @@ class Trainer:
                         self.step)
         return True
 
+    def _checkpoint_now(self, step_metrics: Mapping[str, float], metrics: Mapping[str, float]) -> Path:
+        """Checkpoint this step, tell Ray about it, and have the console say so."""
+        checkpoint = self.save({**step_metrics, **metrics})
+        if self.reporter is not None:
+            self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
+        self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
+        return checkpoint
+
     def _stop_preempted(self, saved: bool, step_metrics: dict[str, float], metrics: dict[str, float],
                         checkpoint: Path | None) -> Path:
         """Every rank, after the step they agreed on: checkpoint it (unless this step saved one
         already), then end with PreemptedError."""
         if not saved:
-            checkpoint = self.save({**step_metrics, **metrics})
-            if self.reporter is not None:
-                self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
-            self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
+            checkpoint = self._checkpoint_now(step_metrics, metrics)
         assert checkpoint is not None
         self._events["preempted_step"] = self.step
         self._write_progress(step_metrics, metrics, force=True)
@@ -478,23 +483,16 @@ class Trainer:
                 self._events["eval_step"] = self.step
             saving = last or stopping or (train.checkpoint_every and self.step % train.checkpoint_every == 0)
             if saving:
-                checkpoint = self.save({**step_metrics, **metrics})
-                if self.reporter is not None:
-                    self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
-                self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
+                checkpoint = self._checkpoint_now(step_metrics, metrics)
             if self.step in (self._events.get("eval_step"), self._events.get("checkpoint_step")):
                 self._write_progress(step_metrics, metrics, force=True)
             if self._stop_requested:
                 checkpoint = self._stop_preempted(bool(saving), step_metrics, metrics, checkpoint)
-            if self._node_draining():
+            if self._node_draining() and not saving:
                 # a node goes soon: checkpoint this step and train on; when the node is gone Ray
                 # Train restarts the worker group, which resumes here (not at the last periodic one)
-                if not saving:
-                    checkpoint = self.save({**step_metrics, **metrics})
-                    if self.reporter is not None:
-                        self.reporter({"step": self.step, **step_metrics, **metrics}, checkpoint)
-                    self._events.update(checkpoint_step=self.step, checkpoint=str(checkpoint))
-                    self._write_progress(step_metrics, metrics, force=True)
+                checkpoint = self._checkpoint_now(step_metrics, metrics)
+                self._write_progress(step_metrics, metrics, force=True)
             side_s = time.perf_counter() - side_start
             if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
                 self.reporter({"step": self.step, **step_metrics}, None)

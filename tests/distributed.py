@@ -60,3 +60,24 @@ def run_recipe(recipe: dict[str, Any], tmp_path: Path, nproc: int = 2, timeout: 
 
 def result_of(recipe: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     return json.loads((tmp_path / "runs" / recipe["name"] / "train_result.json").read_text())
+
+
+def progress_step(run_dir: Path) -> int:
+    """The step rank 0's progress file says (0 before it exists or while it is rewritten)."""
+    try:
+        return int(json.loads((run_dir / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's ranks), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children

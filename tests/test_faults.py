@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.distributed import TINY_RECIPE, merge, run_recipe
+from tests.distributed import TINY_RECIPE, merge, progress_step, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +53,6 @@ def _train_workers(launcher: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def _progress_step(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "progress.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
 
 def _signal_one_worker_after(launcher: subprocess.Popen, run_dir: Path, step: int, timeout: float,
                              sig: signal.Signals, spare: set[int] = frozenset()) -> tuple[int, set[int]]:
@@ -68,7 +62,7 @@ def _signal_one_worker_after(launcher: subprocess.Popen, run_dir: Path, step: in
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert launcher.poll() is None, "the launch ended before a worker could be signalled"
-        at = _progress_step(run_dir)
+        at = progress_step(run_dir)
         if at >= step:
             workers = _train_workers(parent)
             if len(workers) == 2 and not {w.pid for w in workers} & spare:

@@ -20,7 +20,7 @@ from beitdist.distributed import free_port
 from beitdist.run import preemption
 from beitdist.run.checkpoints import checkpoint_problems, read_latest
 from beitdist.run.trainer import PreemptedError
-from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
+from tests.distributed import TINY_RECIPE, child_pids, merge, progress_step, result_of, run_recipe
 
 
 @pytest.fixture
@@ -64,23 +64,6 @@ def test_ray_workers_hand_sigterm_to_ray_unless_a_loop_trains(restore_sigterm):
         ray_utils.set_sigterm_handler = original
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def _progress_step(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "progress.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 @pytest.mark.slow
@@ -101,9 +84,9 @@ def test_sigterm_to_one_rank_checkpoints_that_step_and_the_relaunch_finishes_the
     run_dir = tmp_path / "runs/preempted"
     try:
         deadline = time.monotonic() + 240
-        while _progress_step(run_dir) < 2 and torchrun.poll() is None and time.monotonic() < deadline:
+        while progress_step(run_dir) < 2 and torchrun.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        ranks = _children(torchrun.pid)
+        ranks = child_pids(torchrun.pid)
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGTERM)  # one rank, as a node's kubelet would
         time.sleep(0.1)  # two signals at once are one for Python's handler

@@ -26,7 +26,7 @@ from beitdist.preflight import PreflightError, check_remote_output
 from beitdist.recipe import parse_recipe
 from beitdist.run.checkpoints import MANIFEST, commit_checkpoint, complete_tags
 from beitdist.run.storage import RemoteRun, staging_dir
-from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
+from tests.distributed import TINY_RECIPE, child_pids, merge, progress_step, result_of, run_recipe
 from tests.test_remote_data import BUCKET, s3  # noqa: F401 - the moto server fixture
 
 pytest.importorskip("s3fs")
@@ -83,12 +83,6 @@ def test_an_unreachable_store_is_one_line_before_any_compute(s3, tmp_path):
     assert staging_dir("s3://b/x/../y", "run", str(tmp_path)) == tmp_path.resolve() / "s3/b/x/y/run"
 
 
-def _progress_step(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "progress.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
@@ -112,9 +106,9 @@ def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=work)
     try:
         deadline = time.monotonic() + 300
-        while _progress_step(staging) < 6 and torchrun.poll() is None and time.monotonic() < deadline:
+        while progress_step(staging) < 6 and torchrun.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        ranks = [int(p.name) for p in Path("/proc").glob("[0-9]*") if _ppid(p) == torchrun.pid]
+        ranks = child_pids(torchrun.pid)
         assert len(ranks) == 2, ranks
         os.kill(ranks[0], signal.SIGKILL)
         _, err = torchrun.communicate(timeout=240)
@@ -162,10 +156,3 @@ def _check_mlflow_in_store(client, where: Path) -> None:
     assert steps == list(range(1, 13)), steps
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/remote/mlartifacts/")["Contents"]}
     assert any(k.endswith(f"{run_id}/artifacts/final/model.safetensors") for k in keys), sorted(keys)[:20]
-
-
-def _ppid(proc: Path) -> int:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1

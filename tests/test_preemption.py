@@ -3,6 +3,7 @@ relaunch resumes there to the same weights as an uninterrupted run (beitdist.run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,7 +69,7 @@ def test_ray_workers_hand_sigterm_to_ray_unless_a_loop_trains(restore_sigterm):
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_checkpoints_that_step_and_the_relaunch_finishes_the_same(tmp_path):
-    base = merge(TINY_RECIPE, {"engine": {"zero_stage": 2}, "train": {"steps": 40, "checkpoint_every": 25,
+    base = merge(TINY_RECIPE, {"engine": {"zero_stage": 2}, "train": {"steps": 150, "checkpoint_every": 100,
                                                                       "log_every": 0}})
     whole = merge(base, {"name": "whole"})
     run_recipe(whole, tmp_path)
@@ -89,8 +90,9 @@ def test_sigterm_to_one_rank_checkpoints_that_step_and_the_relaunch_finishes_the
         ranks = child_pids(torchrun.pid)
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGTERM)  # one rank, as a node's kubelet would
-        time.sleep(0.1)  # two signals at once are one for Python's handler
-        os.kill(ranks[1], signal.SIGTERM)  # impatient: the second lands in the step or the save
+        time.sleep(0.02)  # two signals at once are one for Python's handler
+        with contextlib.suppress(ProcessLookupError):  # impatient: the second lands in the step, the save or the exit
+            os.kill(ranks[1], signal.SIGTERM)
         out, err = torchrun.communicate(timeout=240)
     finally:
         if torchrun.poll() is None:
@@ -99,8 +101,9 @@ def test_sigterm_to_one_rank_checkpoints_that_step_and_the_relaunch_finishes_the
     stopped = [line for line in err.splitlines() if "on SIGTERM (pre-emption)" in line]
     assert stopped, err[-3000:]
     step = int(stopped[0].split("stopped after step ")[1].split()[0])
-    assert 2 <= step < 25, step  # between the periodic checkpoints (25) and before the end
-    assert "signal 15 again" in err
+    assert 2 <= step < 150 and step != 100, step  # not a periodic checkpoint (100), before the end
+    # wherever the second signal landed (test_sigterm_is_recorded_and_a_second_one_ignored pins
+    # what the handler does with it), the checkpoint of the step is complete and `latest`
     checkpoints = run_dir / "checkpoints"
     assert read_latest(checkpoints) == f"step_{step}" and checkpoint_problems(checkpoints / f"step_{step}") == []
     assert not (run_dir / "final").exists()

@@ -134,6 +134,18 @@ def make_plan(recipe: Recipe, use_gpu: bool) -> LaunchPlan:
                       memory.cpu / GIB, device_gib, fitting)
 
 
+def worker_config(recipe: Recipe, use_gpu: bool) -> dict[str, Any]:
+    """What Ray Train hands each worker. Ray keeps `train_loop_config` in its state (the dashboard's
+    Train view, exported events), so it holds the recipe as recorded (credentials redacted,
+    `beitdist.credentials`); a recipe that carries credentials travels whole as an object in
+    Ray's object store, which only the cluster's processes read."""
+    import ray
+
+    record = recipe.to_record()
+    full = recipe.to_dict()
+    return {"recipe": record, "use_gpu": use_gpu, "recipe_ref": ray.put(full) if record != full else None}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray worker: rebuild the recipe, train, report progress to Ray."""
     import ray.train
@@ -150,7 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # imports DeepSpeed, overriding a DS_ACCELERATOR the driver's environment passed down
     os.environ["DS_ACCELERATOR"] = "cuda" if config.get("use_gpu") else "cpu"
     context = ray.train.get_context()
-    recipe = parse_recipe(config["recipe"], "recipe (sent to the worker)")
+    recipe = parse_recipe(ray.get(config["recipe_ref"]) if config.get("recipe_ref") else config["recipe"],
+                          "recipe (sent to the worker)")
     dist_info = DistInfo(rank=context.get_world_rank(), world_size=context.get_world_size(),
                          local_rank=context.get_local_rank())
 
@@ -341,7 +354,7 @@ def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) ->
         resources.setdefault("GPU", 1)  # Ray refuses use_gpu with no GPU in the worker's resources
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": recipe.to_dict(), "use_gpu": use_gpu},
+        train_loop_config=worker_config(recipe, use_gpu),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(  # type: ignore[call-arg]  # Ray Train v2's RunConfig; mypy resolves v1's

@@ -394,6 +394,13 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
+    def to_record(self) -> dict[str, Any]:
+        """`to_dict` as checkpoints and MLflow record it: credentials redacted
+        (`beitdist.credentials`); the workers are sent `to_dict`."""
+        from beitdist.credentials import redacted
+
+        return redacted(to_dict(self))
+
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 

@@ -46,9 +46,9 @@ from collections.abc import Callable, Mapping
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from beitdist.background import OrderedWorker
+from beitdist.credentials import redact_url, redacted
 from beitdist.hookspecs import hookimpl
 from beitdist.run.files import write_atomic
 from beitdist.run.rundir import RunDir
@@ -154,19 +154,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _redact(uri: str) -> str:
-    """The URI without a password, for log messages."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
 def _plain(recipe: Any) -> dict[str, Any]:
-    """The recipe as plain JSON-able data (a Recipe, a mapping, or nothing)."""
+    """The recipe as plain JSON-able data (a Recipe, a mapping, or nothing), credentials redacted:
+    MLflow's params and artifacts are read by everyone who can read the server."""
     data = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe or {})
-    return json.loads(json.dumps(data, default=str))
+    return json.loads(json.dumps(redacted(data), default=str))
 
 
 class Tracker:
@@ -210,7 +202,7 @@ class Tracker:
         except Exception as err:  # any MLflow, network or filesystem error: training goes on
             self.enabled = False
             log.warning("MLflow tracking to %s failed, tracking is off for the rest of run %r: %s: %s",
-                        _redact(self.uri), self.context.run_name, type(err).__name__, err)
+                        redact_url(self.uri), self.context.run_name, type(err).__name__, err)
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
@@ -267,7 +259,7 @@ class Tracker:
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
         if run is None or run.info.lifecycle_stage != "active":
-            log.warning("MLflow run %s (from %s) is not in %s; starting a new run", run_id, id_file, _redact(self.uri))
+            log.warning("MLflow run %s (from %s) is not in %s; starting a new run", run_id, id_file, redact_url(self.uri))
             return None
         return run
 

@@ -87,6 +87,7 @@ def test_an_unreachable_store_is_one_line_before_any_compute(s3, tmp_path):
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
     options, client = s3
+    options = {**options, "secret": SECRET}  # moto takes any secret; none may be recorded
     base = merge(TINY_RECIPE, {"engine": {"zero_stage": 2},
                                "train": {"steps": 60, "checkpoint_every": 20, "keep_checkpoints": 2, "log_every": 0}})
     reference = merge(base, {"name": "reference"})
@@ -138,6 +139,22 @@ def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
         torch.testing.assert_close(final[key], value, atol=1e-6, rtol=0, msg=key)
     assert list(work.iterdir()) == []  # nothing outside the bucket but the caches
     _check_mlflow_in_store(client, tmp_path / "downloaded")
+    _check_no_secret_recorded(client, tmp_path, path)
+
+
+SECRET = "s3cr3t-of-the-remote-test"
+
+
+def _check_no_secret_recorded(client, tmp_path: Path, recipe_file: Path) -> None:
+    """The store's secret is in the recipe file the user wrote and nowhere the run wrote: not in
+    the store's objects (checkpoints' state, mlflow.db with its params and recipe.yaml), not in
+    the nodes' caches."""
+    leaks = [f"s3://{BUCKET}/{obj['Key']}" for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+             for obj in page.get("Contents", [])
+             if SECRET.encode() in client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()]
+    leaks += [str(p) for p in tmp_path.rglob("*") if p.is_file() and p != recipe_file
+              and SECRET.encode() in p.read_bytes()]
+    assert leaks == []
 
 
 def _check_mlflow_in_store(client, where: Path) -> None:

@@ -371,7 +371,9 @@ def run_recipe(run_dir: Path) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue
         if isinstance(recipe, dict):
-            return recipe
+            from beitdist.credentials import without_redacted
+
+            return without_redacted(recipe)
     return None
 
 

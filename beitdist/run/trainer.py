@@ -348,7 +348,7 @@ class Trainer:
         """Checkpoint step_N with the loop's state beside the engine's (`CheckpointWriter.save`)."""
         def loop_state() -> dict[str, Any]:
             return {"step": self.step, "loader": self.train_loader.state_dict(), "metrics": dict(metrics),
-                    "eval_history": self.eval_history, "recipe": self.recipe.to_dict()}
+                    "eval_history": self.eval_history, "recipe": self.recipe.to_record()}
 
         return self.writer.save(self.step, loop_state, self.context)
 

@@ -151,7 +151,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from beitdist.distributed import DistInfo
-
     from beitdist.ray_worker_setup import verbose
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -325,10 +324,10 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
 def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run `recipe` on Ray (a local instance sized to this machine, or the cluster at `address`);
     returns the run's train_result.json. `verbose`: every Ray process logs at INFO (`-v`)."""
-    from beitdist.ray_worker_setup import VERBOSE_ENV
-
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from beitdist.ray_worker_setup import VERBOSE_ENV
 
     started_at = time.time()
     scaling = recipe.scaling

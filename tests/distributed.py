@@ -38,6 +38,24 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+TRAIN_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(recipe_file: Path, nproc: int) -> list[str]:
+    """`beitdist -v train FILE` on `nproc` gloo ranks (torchrun; a plain process for 1)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "beitdist", "-v", "train", str(recipe_file)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "beitdist", "-v", "train", str(recipe_file)]
+
+
+def start_torchrun(recipe_file: Path, cwd: Path, nproc: int = 2) -> subprocess.Popen:
+    """`train_command` started, not waited for (the kill and pre-emption tests signal its ranks,
+    `child_pids`); stdout and stderr piped as text."""
+    return subprocess.Popen(train_command(recipe_file, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **TRAIN_ENV}, cwd=cwd)
+
+
 def run_recipe(recipe: dict[str, Any], tmp_path: Path, nproc: int = 2, timeout: int = 300,
                expect_ok: bool = True) -> subprocess.CompletedProcess:
     """`beitdist train` on `nproc` gloo ranks (plain process for 1); output under tmp_path/runs
@@ -46,13 +64,9 @@ def run_recipe(recipe: dict[str, Any], tmp_path: Path, nproc: int = 2, timeout: 
         recipe = merge(recipe, {"output_dir": str(tmp_path / "runs")})
     path = tmp_path / f"{recipe['name']}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "beitdist", "-v", "train", str(path)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "beitdist", "-v", "train", str(path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+    cmd = train_command(path, nproc)
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **TRAIN_ENV}, timeout=timeout,
+                            cwd=tmp_path)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

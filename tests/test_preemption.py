@@ -10,18 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from beitdist.distributed import free_port
 from beitdist.run import preemption
 from beitdist.run.checkpoints import checkpoint_problems, read_latest
 from beitdist.run.trainer import PreemptedError
-from tests.distributed import TINY_RECIPE, child_pids, merge, progress_step, result_of, run_recipe
+from tests.distributed import TINY_RECIPE, child_pids, merge, progress_step, result_of, run_recipe, start_torchrun
 
 
 @pytest.fixture
@@ -77,11 +75,7 @@ def test_sigterm_to_one_rank_checkpoints_that_step_and_the_relaunch_finishes_the
     recipe = merge(base, {"name": "preempted", "output_dir": str(tmp_path / "runs")})
     path = tmp_path / "preempted.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "beitdist", "-v", "train", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    torchrun = start_torchrun(path, cwd=tmp_path)
     run_dir = tmp_path / "runs/preempted"
     try:
         deadline = time.monotonic() + 240

@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +19,11 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
-from beitdist.distributed import free_port
 from beitdist.preflight import PreflightError, check_remote_output
 from beitdist.recipe import parse_recipe
 from beitdist.run.checkpoints import MANIFEST, commit_checkpoint, complete_tags
 from beitdist.run.storage import RemoteRun, staging_dir
-from tests.distributed import TINY_RECIPE, child_pids, merge, progress_step, result_of, run_recipe
+from tests.distributed import TINY_RECIPE, child_pids, merge, progress_step, result_of, run_recipe, start_torchrun
 from tests.test_remote_data import BUCKET, s3  # noqa: F401 - the moto server fixture
 
 pytest.importorskip("s3fs")
@@ -100,11 +97,7 @@ def test_a_killed_run_resumes_from_the_store_on_a_new_node(s3, tmp_path):
     path = tmp_path / "remote.yaml"
     path.write_text(yaml.safe_dump(remote))
     staging = parse_recipe(remote, plugins=False).run_dir
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "beitdist", "-v", "train", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=work)
+    torchrun = start_torchrun(path, cwd=work)
     try:
         deadline = time.monotonic() + 300
         while progress_step(staging) < 22 and torchrun.poll() is None and time.monotonic() < deadline:
@@ -173,3 +166,33 @@ def _check_mlflow_in_store(client, where: Path) -> None:
     assert steps == list(range(1, 61)), steps
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/remote/mlartifacts/")["Contents"]}
     assert any(k.endswith(f"{run_id}/artifacts/final/model.safetensors") for k in keys), sorted(keys)[:20]
+
+
+def test_only_a_staging_copy_has_its_uploaded_files_dropped(s3, tmp_path):
+    """A local output_dir (possibly shared by the nodes) is never pruned by another rank than 0;
+    a node's staging copy of an object-store run drops what the store holds (shards of older
+    checkpoints without a manifest here, a resume's `_universal` conversion)."""
+    from beitdist.run.checkpoint_writer import CheckpointWriter
+    from beitdist.run.rundir import RunDir
+
+    def populate(run_dir: Path) -> set[str]:
+        ckpt = run_dir / "checkpoints"
+        for tag in ("step_10", "step_20", "step_20_universal", "step_30"):
+            (ckpt / tag).mkdir(parents=True)
+            (ckpt / tag / "shard.pt").write_bytes(b"x")
+        (ckpt / "step_10" / MANIFEST).write_text("{}")  # committed on this file system
+        return {p.name for p in ckpt.iterdir()}
+
+    options, _ = s3
+    local = tmp_path / "local"
+    before = populate(local)
+    for rank, local_rank in ((1, 0), (1, 1), (3, 0)):
+        CheckpointWriter(RunDir(local), engine=None, rank=rank, keep=1, local_rank=local_rank).prune("step_30")
+    assert {p.name for p in (local / "checkpoints").iterdir()} == before
+    assert all((local / "checkpoints" / tag / "shard.pt").exists() for tag in before)
+
+    staging = tmp_path / "staging"
+    populate(staging)
+    remote = RemoteRun(f"s3://{BUCKET}/runs/drop", staging, options)
+    CheckpointWriter(RunDir(staging), engine=None, rank=1, keep=1, remote=remote, local_rank=0).prune("step_30")
+    assert sorted(p.name for p in (staging / "checkpoints").iterdir()) == ["step_10", "step_30"]

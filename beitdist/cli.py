@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     from beitdist.predict import add_predict_cli
     from beitdist.recipe_cli import add_validate_cli
     from beitdist.recipe_schema import add_schema_cli
+    from beitdist.sweep.cli import add_tune_cli
     from beitdist.tokenizers.fit import add_tokenizer_cli
 
     add_validate_cli(commands)
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_cli(commands)
     add_schema_cli(commands)
     add_tokenizer_cli(commands)
+    add_tune_cli(commands)
 
     plugins = commands.add_parser(
         "plugins",

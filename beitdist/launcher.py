@@ -9,6 +9,7 @@ the same way. Across nodes the output directory must be shared storage (NFS or s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -300,7 +301,7 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str], verbose: bool = False) -> None:
+def init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str], verbose: bool = False) -> None:
     import ray
 
     if address:
@@ -324,30 +325,44 @@ def _init_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
 def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run `recipe` on Ray (a local instance sized to this machine, or the cluster at `address`);
     returns the run's train_result.json. `verbose`: every Ray process logs at INFO (`-v`)."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from beitdist.ray_worker_setup import VERBOSE_ENV
-
     started_at = time.time()
     scaling = recipe.scaling
     if recipe.run_url is None:
         recipe = recipe.replace(output_dir=str(Path(recipe.output_dir).resolve()))
-    # Ray Train's own records go beside the run (its staging copy for an object-store output_dir)
-    storage_path = recipe.run_dir.resolve().parent
-    env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // scaling.num_workers))}
-    if (pythonpath := checkout_pythonpath()) is not None:
-        env_vars["PYTHONPATH"] = pythonpath
-    if verbose:
-        env_vars[VERBOSE_ENV] = "1"
     num_cpus = None if address else max(os.cpu_count() or 1, scaling.num_workers + 1)
-    _init_ray(address, num_cpus, env_vars, verbose)
+    init_ray(address, num_cpus, worker_env(scaling.num_workers, verbose), verbose)
     use_gpu = uses_gpu(recipe, _cluster_gpus() if address else None)
     if address and use_gpu != uses_gpu(recipe):
         log.info("the cluster at %s %s GPUs: the workers train on %s (scaling.use_gpu: auto)", address,
                  "has" if use_gpu else "has no", "GPUs" if use_gpu else "CPUs")
     _record_launch(recipe.run_dir, {"started_at": started_at, "ray_ready_at": time.time(),
                                     "num_workers": scaling.num_workers, "address": address})
+    return fit_on_ray(recipe, use_gpu, verbose)
+
+
+def worker_env(num_workers: int, verbose: bool) -> dict[str, str]:
+    """The environment Ray gives every worker: threads per worker, this checkout on the path."""
+    from beitdist.ray_worker_setup import VERBOSE_ENV
+
+    env_vars = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_workers))}
+    if (pythonpath := checkout_pythonpath()) is not None:
+        env_vars["PYTHONPATH"] = pythonpath
+    if verbose:
+        env_vars[VERBOSE_ENV] = "1"
+    return env_vars
+
+
+def fit_on_ray(recipe: Recipe, use_gpu: bool, verbose: bool = False, callbacks: list[Any] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Train `recipe` (absolute output_dir) with Ray Train on the Ray instance this process is
+    connected to; returns its train_result.json. `callbacks`: Ray Train callbacks (a sweep's
+    reporting to Tune); `progress`: rank 0's progress bar on this process's terminal."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = recipe.scaling
+    # Ray Train's own records go beside the run (its staging copy for an object-store output_dir)
+    storage_path = recipe.run_dir.resolve().parent
     resources = dict(scaling.resources_per_worker or {"CPU": 1})
     if use_gpu:
         resources.setdefault("GPU", 1)  # Ray refuses use_gpu with no GPU in the worker's resources
@@ -360,13 +375,14 @@ def launch(recipe: Recipe, address: str | None = None, verbose: bool = False) ->
             name=recipe.name, storage_path=str(storage_path),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             # Ray Train's per-report dicts and set-up lines: the progress bar says it shorter
-            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            callbacks=callbacks or None),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     from ray.train import TrainingFailedError
 
     try:
-        with ProgressBar(RunDir(recipe.run_dir).progress_file):
+        with ProgressBar(RunDir(recipe.run_dir).progress_file) if progress else contextlib.nullcontext():
             trainer.fit()
     except TrainingFailedError as err:
         raise _run_failed(recipe, err, scaling.max_failures) from None

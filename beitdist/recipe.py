@@ -230,6 +230,8 @@ class TrackingSection:
     experiment: str = "beitdist"
     log_images: bool = True
     """Log a few input images (and segmentation predictions) as artifacts."""
+    parent_run_id: str | None = None
+    """An MLflow run this run is nested under (set by `beitdist tune` for its trials)."""
 
     def __post_init__(self) -> None:
         check(self.uri is None or bool(self.uri.strip()), "uri", "expected a tracking URI or null")

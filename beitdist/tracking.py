@@ -217,8 +217,11 @@ class Tracker:
         experiment_id = self._experiment_id()
         run = self._existing_run(RunDir(run_dir).mlflow_run_id_file)
         if run is None:
-            run = self.client.create_run(experiment_id, run_name=self.context.run_name,
-                                         tags={"beitdist.run_dir": str(run_dir.resolve())})
+            tags = {"beitdist.run_dir": str(run_dir.resolve())}
+            parent = setting(self.tracking, "parent_run_id", None)
+            if parent:
+                tags["mlflow.parentRunId"] = parent  # a sweep's trial: shown nested under the sweep's run
+            run = self.client.create_run(experiment_id, run_name=self.context.run_name, tags=tags)
             write_atomic(RunDir(run_dir).mlflow_run_id_file, run.info.run_id)
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")

@@ -494,8 +494,11 @@ class Trainer:
                 checkpoint = self._checkpoint_now(step_metrics, metrics)
                 self._write_progress(step_metrics, metrics, force=True)
             side_s = time.perf_counter() - side_start
-            if not saving and self.reporter is not None and train.log_every and self.step % train.log_every == 0:
-                self.reporter({"step": self.step, **step_metrics}, None)
+            if not saving and self.reporter is not None:
+                # every evaluation reaches Ray (a sweep's scheduler compares trials on it)
+                evaluated = self.step == self._events.get("eval_step")
+                if evaluated or (train.log_every and self.step % train.log_every == 0):
+                    self.reporter({"step": self.step, **step_metrics, **(metrics if evaluated else {})}, None)
             self.timing["iteration_s"].append(time.perf_counter() - iteration_start - side_s)
             self.timing["data_s"].append(step_metrics["data_s"])
             if stopping and not last:

@@ -128,8 +128,10 @@ def prepare(recipe: Recipe, spec: SweepSpec, where: str, nodes: list[dict[str, f
     if spec.scheduler == "asha" and spec.grace_period > train.steps:
         raise SweepError(f"grace_period: {spec.grace_period} steps is more than the {train.steps} a trial trains "
                          "(train.steps)")
-    if recipe.run_url is None:
-        recipe = recipe.replace(output_dir=str(Path(recipe.output_dir).resolve()))
+    if recipe.run_url is not None:
+        raise SweepError(f"{where}: output_dir: {recipe.output_dir} is an object store; a sweep keeps Ray Tune's "
+                         "experiment state beside its trials, so it needs a local or shared directory")
+    recipe = recipe.replace(output_dir=str(Path(recipe.output_dir).resolve()))
     data = recipe.to_dict()
     space = parse_space(spec.search, "--search")
     trials = sample_trials(space, spec.trials, recipe.seed)

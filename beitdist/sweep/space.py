@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml12_number(value: Any) -> Any:
+    """`1e-3` as the number it is: PyYAML (YAML 1.1) reads exponents without a dot as strings."""
+    return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
+
+
 def parse_distribution(key: str, spec: Any, where: str) -> Distribution:
     """One `key: {kind: args}` entry; SweepError naming the key and what is allowed."""
     at = f"{where}: search.{key}"
@@ -98,7 +107,7 @@ def parse_distribution(key: str, spec: Any, where: str) -> Distribution:
         raise SweepError(f"{at}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
     if not isinstance(args, Sequence) or isinstance(args, str) or not args:
         raise SweepError(f"{at}: {kind} expects a non-empty list, got {args!r}")
-    args = tuple(args)
+    args = tuple(_yaml12_number(a) for a in args)
     if kind in ("uniform", "loguniform", "randint"):
         if len(args) != 2 or not all(_number(a) for a in args):
             raise SweepError(f"{at}: {kind} expects [low, high] (two numbers), got {list(args)}")

@@ -24,7 +24,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from beitdist.backbone.config import BackboneConfig, ConfigError
-from beitdist.backbone.convert import CheckpointError, StateDict, native_to_hf, unwrap
+from beitdist.backbone.convert import (
+    HF_BACKBONE_PREFIX,
+    CheckpointError,
+    StateDict,
+    as_data2vec_keys,
+    native_to_hf,
+    unwrap,
+)
 from beitdist.backbone.resample import resample_pos_embed, resample_rel_pos_table
 from beitdist.formats import LoadedCheckpoint, hf_head_key, read_foreign, transformers_config
 from beitdist.model import BeitForTask, build_model
@@ -328,25 +335,33 @@ def _write_native(model: BeitForTask, out_dir: Path, *, overwrite: bool, run_own
     return write_output_dir(out_dir, "beitdist", write, overwrite=overwrite, run_owned=run_owned)
 
 
-def export_hf(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def export_hf(model: BeitForTask, out_dir: str | os.PathLike, *, overwrite: bool = False,
+              model_type: str = "beit") -> Path:
     """A directory that transformers' BeitModel / BeitFor* `.from_pretrained` loads with no missing
-    or unexpected keys (config.json + model.safetensors). Same output rules as `save_checkpoint`."""
+    or unexpected keys (config.json + model.safetensors); with `model_type="data2vec-vision"`, its
+    Data2VecVisionModel / Data2VecVisionFor* (classification, segmentation). Same output rules as
+    `save_checkpoint`."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "hf", overwrite=overwrite)
     config = model.config
     head = model.head_name
-    hf_config = transformers_config(config, model.head)  # refuses a head without a transformers model
+    # refuses a head without a transformers model (for data2vec-vision: without a Data2VecVision one)
+    hf_config = transformers_config(config, model.head, model_type)
     state = dict(model.state_dict())
     dim = config.embed_dim
     if not config.qkv_bias:  # transformers always has query/value biases
         for i in range(config.depth):
             state[f"backbone.blocks.{i}.attn.q_bias"] = torch.zeros(dim)
             state[f"backbone.blocks.{i}.attn.v_bias"] = torch.zeros(dim)
-    if head is None and config.pooling == "none":  # BeitModel always builds its pooler norm
+    # BeitModel always builds its pooler norm; Data2VecVisionModel builds none unless asked
+    if head is None and config.pooling == "none" and model_type == "beit":
         state["backbone.fc_norm.weight"], state["backbone.fc_norm.bias"] = torch.ones(dim), torch.zeros(dim)
     if model.head is not None and not model.head.hf_pooler:  # the task model's BeitModel has no pooler
         state = {k: v for k, v in state.items() if not k.startswith("backbone.fc_norm.")}
-    hf_state = native_to_hf(state, prefix="" if head is None else "beit.", head_key=hf_head_key(model.head))
+    prefix = "" if head is None else HF_BACKBONE_PREFIX
+    hf_state = native_to_hf(state, prefix=prefix, head_key=hf_head_key(model.head))
+    if model_type == "data2vec-vision" and head is not None:
+        hf_state = as_data2vec_keys(hf_state)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))

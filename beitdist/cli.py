@@ -24,7 +24,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from beitdist.output_paths import check_output_dir
 
     # refused before loading: consolidating a large run's shards takes minutes
-    check_output_dir(args.output, args.to, overwrite=args.overwrite, sources=[args.source])
+    kind = "hf" if args.to == "data2vec-vision" else args.to  # both are transformers directories
+    check_output_dir(args.output, kind, overwrite=args.overwrite, sources=[args.source])
 
     overrides = {}
     if args.image_size is not None:
@@ -47,8 +48,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
               f"{check.onnxruntime} vs PyTorch on batches {' and '.join(map(str, check.batches))}: max abs diff "
               f"{check.max_abs_diff:.2e}")
         return EXIT_OK
-    writer = export_hf if args.to == "hf" else save_checkpoint
-    out = writer(model, args.output, overwrite=args.overwrite)
+    if kind == "hf":
+        model_type = "beit" if args.to == "hf" else args.to
+        out = export_hf(model, args.output, overwrite=args.overwrite, model_type=model_type)
+    else:
+        out = save_checkpoint(model, args.output, overwrite=args.overwrite)
     config = model.config
     print(
         f"wrote {args.to} checkpoint {out}: {config.depth} blocks x {config.embed_dim}, "
@@ -227,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "or a training run / DeepSpeed checkpoint directory (ZeRO shards are consolidated)")
     convert.add_argument("output", help="a new (or empty) output directory, written atomically; never the source, "
                          "a run directory or a directory holding other files")
-    convert.add_argument("--to", choices=["hf", "beitdist", "onnx"], default="hf",
-                         help="hf: a transformers directory; beitdist: beitdist's checkpoint; onnx: model.onnx "
+    convert.add_argument("--to", choices=["hf", "data2vec-vision", "beitdist", "onnx"], default="hf",
+                         help="hf: a transformers directory (Beit*); data2vec-vision: one of transformers' "
+                         "Data2VecVision* (classification, segmentation, bare model); beitdist: beitdist's "
+                         "checkpoint; onnx: model.onnx "
                          "(dynamic batch, checked against PyTorch with onnxruntime) + preprocessing.json")
     convert.add_argument("--head", default="auto",
                          help="head to build: auto (the checkpoint's own, default), none (backbone only), "

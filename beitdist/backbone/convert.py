@@ -117,6 +117,50 @@ _HF_TOP = {
 }
 HF_BACKBONE_PREFIX = "beit."
 """Where transformers' task models keep their BeitModel; their other keys are the head's."""
+HF_MODEL_TYPES = {"beit": ("beit.", "Beit"), "data2vec-vision": ("data2vec_vision.", "Data2VecVision")}
+"""transformers model types with BEiT's architecture: data2vec-vision (arXiv 2202.03555) is the same
+encoder, with its task models keeping it under `data2vec_vision.` and classes named Data2VecVision*."""
+DATA2VEC_PREFIX = HF_MODEL_TYPES["data2vec-vision"][0]
+
+
+_DATA2VEC_HEAD_NAMES = (
+    (r"\.psp_modules\.blocks\.(\d+)\.conv\.", r".psp_modules.\1.1.", r"\.psp_modules\.(\d+)\.1\.",
+     r".psp_modules.blocks.\1.conv."),
+    (r"\.psp_bottleneck\.", ".bottleneck.", r"\.bottleneck\.", ".psp_bottleneck."),
+    (r"\.convolution\.", ".conv.", r"\.conv\.", ".convolution."),
+    (r"\.normalization\.", ".bn.", r"\.bn\.", ".normalization."),
+)
+"""(Data2VecVision pattern, BEiT name, BEiT pattern, Data2VecVision name) of the UperNet head's
+modules on disk: transformers saves BEiT's under mmseg's legacy names (`conv`, `bn`,
+`psp_modules.N.1`, `bottleneck`) and Data2VecVision's under its module names."""
+
+
+def _renamed_head_key(key: str, to_beit: bool) -> str:
+    key = "." + key
+    for d2v_pattern, beit_name, beit_pattern, d2v_name in _DATA2VEC_HEAD_NAMES[::1 if to_beit else -1]:
+        key = re.sub(d2v_pattern, beit_name, key) if to_beit else re.sub(beit_pattern, d2v_name, key)
+    return key[1:]
+
+
+def as_beit_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A Data2VecVision task model's keys as BEiT's on disk: the backbone under `beit.`, the head's
+    modules under BEiT's names (a BEiT checkpoint comes back unchanged)."""
+    if not any(k.startswith(DATA2VEC_PREFIX) for k in state_dict):
+        return dict(state_dict)
+    return {HF_BACKBONE_PREFIX + k[len(DATA2VEC_PREFIX):] if k.startswith(DATA2VEC_PREFIX)
+            else _renamed_head_key(k, to_beit=True): v for k, v in state_dict.items()}
+
+
+def as_data2vec_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """BEiT task model keys on disk (`native_to_hf` with the `beit.` prefix) as Data2VecVision's."""
+    return {DATA2VEC_PREFIX + k[len(HF_BACKBONE_PREFIX):] if k.startswith(HF_BACKBONE_PREFIX)
+            else _renamed_head_key(k, to_beit=False): v for k, v in state_dict.items()}
+
+
+def hf_architecture(beit_architecture: str, model_type: str) -> str:
+    """transformers' class of a BEiT architecture under `model_type` (BeitForImageClassification ->
+    Data2VecVisionForImageClassification)."""
+    return HF_MODEL_TYPES[model_type][1] + beit_architecture.removeprefix("Beit")
 
 
 def _map_prefix(key: str, table: Mapping[str, str]) -> str | None:
@@ -309,14 +353,16 @@ def infer_backbone_config(state_dict: Mapping[str, torch.Tensor], where: str) ->
 HF_BACKBONE_ARCHITECTURE = "BeitModel"
 
 
-def backbone_to_hf_config(config: BackboneConfig, architecture: str = HF_BACKBONE_ARCHITECTURE) -> dict[str, Any]:
-    """config.json for transformers' BeitConfig describing this backbone; a head adds its own
-    entries and names its task model as `architecture` (see `beitdist.formats`)."""
+def backbone_to_hf_config(config: BackboneConfig, architecture: str = HF_BACKBONE_ARCHITECTURE,
+                          model_type: str = "beit") -> dict[str, Any]:
+    """config.json for transformers' BeitConfig (or Data2VecVisionConfig: the same fields)
+    describing this backbone; a head adds its own entries and names its task model as
+    `architecture`, a Beit* class name (see `beitdist.formats`)."""
     if config.image_size[0] != config.image_size[1]:
         raise CheckpointError(f"transformers' BEiT needs a square image_size, got {config.image_size}")
     hf: dict[str, Any] = {
-        "model_type": "beit",
-        "architectures": [architecture],
+        "model_type": model_type,
+        "architectures": [hf_architecture(architecture, model_type)],
         "hidden_size": config.embed_dim,
         "num_hidden_layers": config.depth,
         "num_attention_heads": config.num_heads,

@@ -12,6 +12,7 @@ from beitdist.backbone.config import BackboneConfig, ConfigError
 from beitdist.backbone.convert import (
     CheckpointError,
     StateDict,
+    as_beit_keys,
     detect_layout,
     hf_config_to_backbone,
     hf_head_keys,
@@ -46,6 +47,7 @@ def read_foreign(raw: StateDict, hf_config: Mapping[str, Any] | None, where: str
         return LoadedCheckpoint(dict(raw), native, name, options, where, "beitdist")
     layout = detect_layout(raw)
     if layout == "hf":
+        raw = as_beit_keys(raw)  # a Data2VecVision task model: the same encoder under another name
         head = recognise(hf_head_keys(raw), "hf", where, prefer)
         state = hf_to_native(raw, head.hf_keys.to_native if head is not None and head.hf_keys is not None else None)
         config: BackboneConfig | None

@@ -13,7 +13,7 @@ from torch import nn
 from beitdist.backbone.beit import Beit
 from beitdist.backbone.config import BackboneConfig
 from beitdist.errors import InputError
-from beitdist.heads.base import Head, HeadOutput
+from beitdist.heads.base import BackboneStates, Head, HeadOutput
 from beitdist.outputs import ModelOutput
 
 
@@ -55,6 +55,13 @@ class BeitForTask(nn.Module):
         if head is not None and head.needs == "pyramid":
             maps = self.backbone.forward_intermediates(pixel_values, head.block_indices, "NCHW", bool_masked_pos)
             result = _with_head_output(ModelOutput(None, None), head(maps, bool_masked_pos))
+        elif head is not None and head.needs == "states":
+            out = self.backbone(pixel_values, bool_masked_pos, output_hidden_states=True)
+            assert out.hidden_states is not None
+            result = ModelOutput(None, out.last_hidden_state, out.pooler_output,
+                                 out.hidden_states if output_hidden_states else None)
+            states = BackboneStates(out.hidden_states, self.backbone.shared_bias())
+            result = _with_head_output(result, head(states, bool_masked_pos))
         else:
             out = self.backbone(pixel_values, bool_masked_pos, output_hidden_states=output_hidden_states)
             result = ModelOutput(None, out.last_hidden_state, out.pooler_output, out.hidden_states)

@@ -30,6 +30,7 @@ BUILTIN_PACKAGE = "beitdist (built-in)"
 BUILTIN_PLUGINS = (
     "beitdist.heads.classification",
     "beitdist.heads.mim",
+    "beitdist.heads.mim_v2",
     "beitdist.heads.segmentation",
     "beitdist.tokenizers.dalle",
     "beitdist.tokenizers.codebook",

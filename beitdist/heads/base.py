@@ -11,8 +11,9 @@ What a head declares (class attributes):
 - `name`: the name recipes and `load_model(head=...)` use.
 - `Options`: a dataclass, the schema of the head's recipe section (`head.options`); its
   `__post_init__` checks ranges with `beitdist.schema.check`, so bad values name their field.
-- `needs`: what the model hands to `forward`: "pooled" (B, D), "tokens" (B, 1 + N, D) or
-  "pyramid" (NCHW maps of the blocks at `self.block_indices`).
+- `needs`: what the model hands to `forward`: "pooled" (B, D), "tokens" (B, 1 + N, D),
+  "pyramid" (NCHW maps of the blocks at `self.block_indices`) or "states" (`BackboneStates`:
+  every block's tokens and the shared relative position bias).
 - `pooling`: backbone poolings it works with (the first is chosen when building), or None.
 - `uses_mask`: True when it needs the backbone's mask token (masked image modeling).
 - `data_needs`: a `DataNeeds`, what its batches contain (class labels, label maps, a mask, a
@@ -55,11 +56,23 @@ if TYPE_CHECKING:
 
     from beitdist.model import BeitForTask, ModelOutput
 
-Needs = Literal["pyramid", "pooled", "tokens"]
-NEEDS: tuple[str, ...] = ("pooled", "tokens", "pyramid")
+Needs = Literal["pyramid", "pooled", "tokens", "states"]
+NEEDS: tuple[str, ...] = ("pooled", "tokens", "pyramid", "states")
 Forward = Callable[..., "ModelOutput"]
 """`forward(pixel_values, bool_masked_pos) -> ModelOutput` (both positional; the mask may be None):
 the whole model, as the training engine runs it (its precision, its parameter gathering)."""
+
+
+@dataclass
+class BackboneStates:
+    """What a head with `needs == "states"` receives: every block's tokens, for heads that read
+    more than the last block (BEiT v2's patch aggregation reads an early one too)."""
+
+    hidden_states: tuple[torch.Tensor, ...]
+    """(B, 1 + N, D) after the embedding, then after each block (depth + 1 entries; no final norm)."""
+    shared_bias: torch.Tensor | None
+    """The backbone's shared relative position bias (None unless rel_pos_bias is "shared"), for
+    blocks the head runs itself."""
 
 
 @dataclass

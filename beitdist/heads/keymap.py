@@ -38,6 +38,10 @@ class KeyMap:
     foreign prefix of `pairs`. A prefix that also names backbone weights in other checkpoints
     (unilm's final `norm`, which the MIM head owns) must be left out of the marks."""
 
+    excludes: tuple[str, ...] = ()
+    """Foreign key prefixes whose presence says the checkpoint is NOT this head's (v1 MIM's
+    `lm_head` is also in BEiT v2's pretraining checkpoints, which `cls_pt_layers` tells apart)."""
+
     def __post_init__(self) -> None:
         for pair in self.pairs:
             if len(pair) != 2 or not all(isinstance(part, str) and part for part in pair):
@@ -47,6 +51,9 @@ class KeyMap:
 
     def recognises(self, keys: Iterable[str]) -> bool:
         """Whether any of these foreign keys carries one of the marks."""
+        keys = list(keys)
+        if any(_matches(key, excluded) for key in keys for excluded in self.excludes):
+            return False
         marks = self.marks if self.marks is not None else tuple(source for source, _ in self.pairs)
         return any(_matches(key, mark) for key in keys for mark in marks)
 

@@ -62,7 +62,8 @@ class MimHead(Head):
     hf_pooler = False
     # unilm's pretraining model keeps its final `norm` next to `lm_head` (see above); `norm` alone
     # is the backbone's final norm in other checkpoints, so only `lm_head` identifies this head
-    unilm_keys = KeyMap((("lm_head", "head.lm_head"), ("norm", "head.norm")), marks=("lm_head",))
+    unilm_keys = KeyMap((("lm_head", "head.lm_head"), ("norm", "head.norm")), marks=("lm_head",),
+                        excludes=("cls_pt_layers",))  # BEiT v2's pretraining head: `mim_v2`
 
     def __init__(self, backbone: BackboneConfig, options: MimOptions | None = None) -> None:
         super().__init__(backbone, options)

@@ -63,6 +63,16 @@ def _read_tensors(path: Path, trust_pickle: bool) -> Any:
     return _torch_load(path, trust_pickle)
 
 
+def read_tensors(path: str | os.PathLike, trust_pickle: bool = False) -> StateDict:
+    """The tensors of one checkpoint file (unilm's `{"model": ...}` and similar wrappers removed),
+    for readers of other models' files (a tokenizer's); CheckpointError when it cannot be read."""
+    path = Path(path)
+    try:
+        return unwrap(_read_tensors(path, trust_pickle), str(path))
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from None
+
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 """`microsoft/beit-base-patch16-224`: what a transformers user passes to `from_pretrained`."""
 

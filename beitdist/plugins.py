@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "beitdist.heads.segmentation",
     "beitdist.tokenizers.dalle",
     "beitdist.tokenizers.codebook",
+    "beitdist.tokenizers.vqkd",
     "beitdist.data.datasets",
     "beitdist.data.tar_shards",
     "beitdist.tracking",

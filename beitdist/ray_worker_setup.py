@@ -59,6 +59,27 @@ def setup_worker() -> None:
     quiet_ray_internals()
     intercept_sigterm()
     bind_to_node_address()
+    controller_liveness_from_gcs()
+
+
+def controller_liveness_from_gcs() -> None:
+    """Ray Train's `PlacementGroupCleaner` (a detached actor per run) frees the run's workers once
+    its controller is dead, and asks the dashboard's state API whether it is. beitdist starts
+    local Ray instances without a dashboard, where that call always fails and the cleaner never
+    frees anything: a sweep's trial stopped early (its controller killed with it) would keep its
+    workers' CPUs reserved and the next trials would wait forever. The answer comes from the GCS,
+    which every Ray instance has. A private Ray module; tests/test_tune.py pins the behaviour."""
+    try:
+        import ray._private.state as gcs
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner
+    except ImportError:  # another Ray release: its own liveness check stays
+        return
+
+    def is_actor_alive(actor_id: str, timeout: float) -> bool:
+        info = gcs.actors(actor_id=actor_id)
+        return bool(info) and info.get("State") != "DEAD"
+
+    placement_group_cleaner.is_actor_alive = is_actor_alive
 
 
 def bind_to_node_address() -> None:

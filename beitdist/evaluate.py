@@ -298,6 +298,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"--shards: expected >= 1, got {args.shards}")
     if not Path(args.source).exists():
         raise InputError(f"{args.source}: no such file or directory")
+    if args.knn or args.linear_probe:
+        return _cmd_representation(args, request)
     model = load_for_evaluation(request)
     recipe, shards = resolve_recipe(request, model)
     out = results_path(request, recipe, args.out)
@@ -322,6 +324,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_representation(args: argparse.Namespace, request: EvalRequest) -> int:
+    """`--knn` / `--linear-probe`: the backbone's features, whatever the head (a MIM run has no
+    class head); one process. Results in <run>/eval/representation.json (or --out)."""
+    from beitdist.checkpoint import load_model
+    from beitdist.representation import representation_metrics
+    from beitdist.run.files import write_atomic
+
+    model = load_model(request.source, "auto", trust_pickle=request.trust_pickle)
+    recipe, _ = resolve_recipe(request, model)
+    metrics = representation_metrics(model, recipe, knn=args.knn, linear=args.linear_probe)
+    if args.out is not None:
+        out = Path(args.out)
+    elif _is_run(Path(request.source)):
+        from beitdist.run.rundir import RunDir
+
+        out = RunDir(request.source).evaluation("representation")
+    else:
+        out = Path("representation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps({"source": str(request.source), "weights": weights_of(Path(request.source)),
+                                  "dataset": recipe.data.dataset, "metrics": metrics}, indent=1))
+    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({recipe.data.dataset})")
+    print(f"results: {out}")
+    return 0
+
+
 def add_evaluate_cli(commands: Any) -> None:
     parser = commands.add_parser(
         "evaluate", help="evaluate a finished run or any checkpoint (top-1/top-5, per class, confusion; mIoU, TTA)",
@@ -343,6 +371,12 @@ def add_evaluate_cli(commands: Any) -> None:
                         "size, 1 for a checkpoint): val_loss, a mean over batches, then matches the run's")
     parser.add_argument("--out", help="the JSON results file (default for a run: <run>/eval/<mode>.json)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
+    parser.add_argument("--knn", action="store_true",
+                        help="instead of the head's evaluation: k-NN top-1 (cosine, k=20) of the backbone's features "
+                        "on the dataset's labelled val split against its train split (a pretraining run too)")
+    parser.add_argument("--linear-probe", action="store_true",
+                        help="instead of the head's evaluation: top-1 of a logistic regression on the backbone's "
+                        "frozen features (train split -> val split)")
     parser.set_defaults(run=cmd_evaluate)
 
 

@@ -368,6 +368,28 @@ def build_loaders(data_cfg: DataConfig | Mapping[str, Any], head: str | DataNeed
     return train, val
 
 
+def build_labelled_eval_loaders(data_cfg: DataConfig, image_size: int, patch_size: int, *, seed: int = 0
+                                ) -> tuple[BeitLoader, BeitLoader]:
+    """Both splits with class labels and the evaluation transform (no augmentation, no masks),
+    one process: what representation checks (k-NN, linear probe) read, whatever the head trains on."""
+    needs = DataNeeds()
+    from beitdist.plugins import dataset_class
+
+    plugin = dataset_class(data_cfg.dataset)
+    options = parse(plugin.Options, data_cfg.options, "data.options")
+    _, eval_tf = _transforms(data_cfg, needs, image_size, patch_size, seed, None)
+    loaders = []
+    for split in ("train", "val"):
+        dataset = plugin.build(options, split, eval_tf)
+        if dataset is None:
+            raise InputError(f"dataset {data_cfg.dataset!r} has no {split} split with labels; representation checks "
+                             "need both (set data.options)")
+        loaders.append(_loader(dataset, eval_tf, Collate(), data_cfg, train=False,
+                               batch_size=data_cfg.val_batch_size or data_cfg.batch_size, rank=0, world_size=1,
+                               seed=seed))
+    return loaders[0], loaders[1]
+
+
 def _size(dataset: Dataset | None) -> str:
     try:
         return str(len(dataset))  # type: ignore[arg-type]

@@ -1,0 +1,53 @@
+"""Representation checks: weighted k-NN and a linear probe on frozen backbone features, on known
+answers (separable clusters, shuffled labels) and through `beitdist evaluate --knn --linear-probe`
+on the quickstart run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from beitdist.cli import main
+from beitdist.representation import Features, knn_top1, linear_probe_top1
+
+
+def _clusters(n_per_class=40, classes=4, dim=16, spread=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=gen) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    points = centres[labels] + spread * torch.randn(len(labels), dim, generator=gen)
+    return points, labels
+
+
+def test_separable_classes_score_one_and_shuffled_labels_score_chance():
+    train, train_labels = _clusters(seed=0)
+    val, val_labels = _clusters(seed=0)
+    val = val + 0.05 * torch.randn(val.shape, generator=torch.Generator().manual_seed(9))
+    features = Features(train, train_labels, val, val_labels)
+    assert knn_top1(features) == 1.0
+    assert linear_probe_top1(features) == 1.0
+    shuffled = train_labels[torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(1))]
+    noise = Features(train, shuffled, val, val_labels)
+    assert knn_top1(noise) < 0.5 and linear_probe_top1(noise) < 0.5  # 4 classes: chance is 0.25
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    # one very close neighbour of class 1 outweighs two far ones of class 0 (exp(sim / 0.07))
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    features = Features(train, torch.tensor([1, 0, 0]), torch.tensor([[1.0, 0.05]]), torch.tensor([1]))
+    assert knn_top1(features, k=3) == 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_knn_and_linear_probe_on_the_quickstart_run(quickstart_launch, capsys):
+    run_dir, _ = quickstart_launch
+    assert main(["evaluate", str(run_dir), "--knn", "--linear-probe"]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((run_dir / "eval" / "representation.json").read_text())
+    assert saved["dataset"] == "digits" and saved["weights"] in (None, "raw", "ema")
+    metrics = saved["metrics"]
+    # the quickstart reaches >= 90% val top-1: its features separate the digits about as well
+    assert metrics["knn_top1"] > 0.85 and metrics["linear_probe_top1"] > 0.85, metrics
+    assert f"knn_top1 {metrics['knn_top1']:.4f}" in out

@@ -64,7 +64,8 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     """AdamW groups keyed by (layer id, decay or not), unilm's rules.
 
     No weight decay for 1-D parameters, biases, the backbone's `no_weight_decay()` set (cls token,
-    absolute position embedding, relative-position tables unless `rel_pos_weight_decay`). Layer ids
+    absolute position embedding, relative-position tables unless `rel_pos_weight_decay`, the head's
+    own tables too). Layer ids
     come from `backbone.layer_id`; head parameters get the last id (scale 1).
     """
     backbone: Any = model.backbone  # a Beit (its layer ids and no-decay set)
@@ -79,7 +80,9 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
             layer_id = backbone.layer_id(name.removeprefix("backbone."))
         else:
             layer_id = num_ids - 1
-        decay = not (len(_shape(param)) == 1 or name.endswith(".bias") or name in skip)
+        # a head's own blocks (BEiT v2's aggregation stack) follow the backbone's rule for their tables
+        head_table = not config.rel_pos_weight_decay and name.endswith("relative_position_bias_table")
+        decay = not (len(_shape(param)) == 1 or name.endswith(".bias") or name in skip or head_table)
         key = (layer_id, decay)
         if key not in groups:
             groups[key] = {

@@ -160,3 +160,17 @@ def test_v2_pretraining_on_two_ranks_resumes_exactly(codebook, stage, tmp_path):
         assert main(["evaluate", str(tmp_path / "runs" / whole["name"]), "--knn"]) == 0
         knn = json.loads((tmp_path / "runs" / whole["name"] / "eval" / "representation.json").read_text())
         assert 0.1 < knn["metrics"]["knn_top1"] <= 1.0  # 10 digits: well above chance even untrained
+
+
+def test_the_aggregation_stack_follows_the_backbone_weight_decay_rules():
+    from beitdist.optim import OptimConfig, param_groups
+
+    per_block = CONFIG.replace(rel_pos_bias="per_block")
+    model = build_model(per_block, "mim_v2", OPTIONS)
+    groups = param_groups(model, OptimConfig(lr=1e-3, weight_decay=0.05))
+    decayed = {n for g in groups if g["apply_wd"] for n in g["names"]}
+    assert "head.cls_pt_layers.0.attn.qkv.weight" in decayed
+    assert "head.cls_pt_layers.0.attn.relative_position_bias_table" not in decayed
+    assert "backbone.blocks.0.attn.relative_position_bias_table" not in decayed
+    head_ids = {g["layer_id"] for g in groups if any(n.startswith("head.") for n in g["names"])}
+    assert head_ids == {model.backbone.num_layer_ids - 1}  # the head's blocks learn at the full rate

@@ -128,6 +128,26 @@ class EmaSection:
 
 
 @dataclass(frozen=True)
+class RepresentationSection:
+    """Representation checks during training (`beitdist.representation`): k-NN top-1 and a linear
+    probe on the backbone's frozen features of the dataset's labelled splits, logged with the
+    evaluation metrics as `val_knn_top1` / `val_linear_probe_top1` (MLflow, eval history, Ray)."""
+
+    every: int = 0
+    """At every evaluation whose step is a multiple of this (0: off)."""
+    knn: bool = True
+    linear_probe: bool = True
+    max_train_images: int = 10000
+    """The k-NN bank and the probe's training set: at most this many train images."""
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "every", f"expected >= 0, got {self.every}")
+        check(self.max_train_images >= 1, "max_train_images", f"expected >= 1, got {self.max_train_images}")
+        check(self.every == 0 or self.knn or self.linear_probe, "knn",
+              "with every > 0, at least one of knn and linear_probe must be on")
+
+
+@dataclass(frozen=True)
 class TrainSection:
     steps: int = 100
     """Optimizer steps in the whole run."""
@@ -147,6 +167,7 @@ class TrainSection:
     """Stop after this step with a checkpoint, as a preempted job would (0: run to the end); the
     next launch of the same run resumes from it. For time-boxed jobs and resume tests."""
     ema: EmaSection = field(default_factory=EmaSection)
+    representation: RepresentationSection = field(default_factory=RepresentationSection)
 
     def __post_init__(self) -> None:
         check(self.steps > 0, "steps", f"expected > 0, got {self.steps}")

@@ -51,3 +51,24 @@ def test_evaluate_knn_and_linear_probe_on_the_quickstart_run(quickstart_launch, 
     # the quickstart reaches >= 90% val top-1: its features separate the digits about as well
     assert metrics["knn_top1"] > 0.85 and metrics["linear_probe_top1"] > 0.85, metrics
     assert f"knn_top1 {metrics['knn_top1']:.4f}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_representation_checks_during_training_on_two_ranks(stage, tmp_path):
+    """`train.representation`: k-NN and the probe at the evaluations whose step is a multiple of
+    `every`, equal on both ranks (ZeRO-3: the feature forwards stay in step), in the eval history
+    and the final metrics."""
+    from tests.distributed import TINY_RECIPE, merge, result_of, run_recipe
+
+    recipe = merge(TINY_RECIPE, {"name": f"repr{stage}", "engine": {"zero_stage": stage},
+                                 "data": {"val_batch_size": 64},
+                                 "train": {"steps": 6, "eval_every": 2,
+                                           "representation": {"every": 4, "max_train_images": 300}}})
+    out = run_recipe(recipe, tmp_path)
+    history = result_of(recipe, tmp_path)["eval_history"]
+    by_step = {e["step"]: e for e in history}
+    assert sorted(by_step) == [2, 4, 6]
+    assert "val_knn_top1" not in by_step[2] and "val_knn_top1" not in by_step[6]
+    assert 0.1 < by_step[4]["val_knn_top1"] <= 1.0 and 0.1 < by_step[4]["val_linear_probe_top1"] <= 1.0
+    assert "representation check on 384 train / 360 val images" in out.stderr  # 300 -> 3 batches x 64 x 2 ranks

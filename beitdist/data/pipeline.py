@@ -368,10 +368,11 @@ def build_loaders(data_cfg: DataConfig | Mapping[str, Any], head: str | DataNeed
     return train, val
 
 
-def build_labelled_eval_loaders(data_cfg: DataConfig, image_size: int, patch_size: int, *, seed: int = 0
-                                ) -> tuple[BeitLoader, BeitLoader]:
-    """Both splits with class labels and the evaluation transform (no augmentation, no masks),
-    one process: what representation checks (k-NN, linear probe) read, whatever the head trains on."""
+def build_labelled_eval_loaders(data_cfg: DataConfig, image_size: int, patch_size: int, *, seed: int = 0,
+                                rank: int = 0, world_size: int = 1) -> tuple[BeitLoader, BeitLoader]:
+    """Both splits with class labels and the evaluation transform (no augmentation, no masks), this
+    rank's shard of each: what representation checks (k-NN, linear probe) read, whatever the head
+    trains on."""
     needs = DataNeeds()
     from beitdist.plugins import dataset_class
 
@@ -385,8 +386,8 @@ def build_labelled_eval_loaders(data_cfg: DataConfig, image_size: int, patch_siz
             raise InputError(f"dataset {data_cfg.dataset!r} has no {split} split with labels; representation checks "
                              "need both (set data.options)")
         loaders.append(_loader(dataset, eval_tf, Collate(), data_cfg, train=False,
-                               batch_size=data_cfg.val_batch_size or data_cfg.batch_size, rank=0, world_size=1,
-                               seed=seed))
+                               batch_size=data_cfg.val_batch_size or data_cfg.batch_size, rank=rank,
+                               world_size=world_size, seed=seed))
     return loaders[0], loaders[1]
 
 

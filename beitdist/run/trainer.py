@@ -155,6 +155,12 @@ class Trainer:
             self._load(self.resume_tag)
         self.evaluator = Evaluator(self.engine, self.module, self.val_loader, self._prepare, self.device, self.rank,
                                    recipe.train.eval_mode)
+        self.representation = None
+        if recipe.train.representation.every:
+            from beitdist.run.representation_check import RepresentationCheck
+
+            self.representation = RepresentationCheck(self.engine, self.module, recipe, self.rank, self.world,
+                                                      self.device)
         self.writer = CheckpointWriter(self.layout, self.engine, self.rank, recipe.train.keep_checkpoints, self.ema,
                                        self.remote, self.dist_info.local_rank)
         self.flops_per_image, self.peak_flops = self._flops(backbone)
@@ -332,6 +338,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         metrics = self.evaluator.evaluate()
+        if self.representation is not None and self.representation.due(self.step):
+            metrics.update(self.representation.measure())
         if self.ema is not None and self.recipe.train.ema.evaluate:
             with self.ema.swapped_in():
                 averaged = self.evaluator.evaluate()

@@ -188,3 +188,13 @@ def test_a_sweep_on_local_ray_stops_bad_trials_and_resumes_after_its_driver_is_k
                                                          if statuses[f"trial_00{i}"] != "not run"]
     assert statuses["trial_004"] != "not run"  # it got the slot of a trial stopped early
     assert all(r.info.status != "RUNNING" for r in children)
+
+
+def test_a_bad_space_is_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    args = [a for a in _dry_run(tmp_path, {"search": {"optim.lr": {"uniform": [-1.0, 1.0]}}}) if a != "--dry-run"]
+    assert main(args) == 2
+    assert "search.optim.lr: uniform [-1.0, 1.0] includes -1" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()

@@ -43,7 +43,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from beitdist.recipe import with_environment
     from beitdist.recipe_cli import validate_file
     from beitdist.sweep.packing import cluster_nodes
-    from beitdist.sweep.runner import describe_outcomes, local_cluster, prepare, run_sweep
+    from beitdist.sweep.runner import check_sweep, describe_outcomes, local_cluster, prepare, run_sweep
     from beitdist.sweep.spec import SweepError, load_spec
 
     flags = {"trials": args.trials, "scheduler": args.scheduler, "max_concurrent": args.max_concurrent,
@@ -55,6 +55,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     gpu = None if address and recipe.scaling.use_gpu == "auto" else uses_gpu(recipe)
     preflight(recipe, this_machine=not args.dry_run, gpu=gpu)
+    check_sweep(recipe, spec, args.recipe)  # a bad search space is one line before Ray starts
     if args.dry_run and not address:
         nodes = None  # this machine, as a local Ray instance would see it; nothing is started
     else:

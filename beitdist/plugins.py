@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "beitdist.heads.classification",
     "beitdist.heads.mim",
     "beitdist.heads.mim_v2",
+    "beitdist.heads.vqkd",
     "beitdist.heads.segmentation",
     "beitdist.tokenizers.dalle",
     "beitdist.tokenizers.codebook",

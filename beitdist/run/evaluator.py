@@ -72,10 +72,12 @@ class Evaluator:
                 for key, value in head.metric_state(out, batch).items():
                     totals[key] = totals.get(key, 0) + value.double().cpu()
         keys = sorted(totals)
-        packed = torch.stack([totals[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+        # one all-reduce for every sum, scalars and vectors alike (per-class counts, code counts)
+        packed = torch.cat([totals[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
         packed = all_reduced(packed, self.device)
         stats = all_reduced(torch.tensor([float(loss_sum), float(count)], dtype=torch.float64), self.device)
-        reduced = {k: packed[i].reshape(totals[k].shape) for i, k in enumerate(keys)}
+        sizes = [totals[k].numel() for k in keys]
+        reduced = {k: part.reshape(totals[k].shape) for k, part in zip(keys, packed.split(sizes), strict=True)}
         metrics = {f"val_{k}": v for k, v in head.compute_metrics(reduced).items()}
         metrics["val_loss"] = float(stats[0]) / max(float(stats[1]), 1.0)
         self.engine.train()

@@ -266,4 +266,8 @@ def add_tokenizer_cli(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--max-images", type=int, help="use a random subset of this many images")
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(run=_cmd_fit)
+    from beitdist.heads.vqkd import add_export_cli  # the head that trains it owns its checkpoint keys
+
+    add_export_cli(commands)
     return parser
+

@@ -145,6 +145,24 @@ def current_umask() -> int:
     return mask
 
 
+def write_safetensors_file(path: Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """`tensors` as a safetensors file at `path` (already checked by `check_output_file`), written
+    atomically: a temp file beside it, then os.replace, so a crash never leaves a half-written file
+    where a run would read it; the temp file is removed on any failure."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def follow_umask(path: Path) -> None:
     """Give `path` (and, for a directory, what it holds) the permissions a plain `open()` /
     `mkdir()` would: safetensors and temp helpers create 0600 files, unreadable by the other

@@ -75,3 +75,33 @@ def test_bad_vqkd_files_and_options_are_one_clear_error(tmp_path):
     torch.save({"model": {"blocks.0.norm1.weight": torch.ones(3)}}, tmp_path / "beit.pth")
     with pytest.raises(CheckpointError, match="unexpected keys"):
         cls({"path": str(tmp_path / "beit.pth"), "input_size": 32})
+
+
+def test_export_vqkd_never_replaces_what_is_not_a_vqkd_file(tmp_path):
+    """`export_vqkd` writes a new file, or replaces a VQ-KD file with overwrite=True; the source
+    checkpoint, a directory or any other file at OUT are refused and left as they were."""
+    from beitdist.checkpoint import save_checkpoint
+    from beitdist.heads.vqkd import export_vqkd, is_vqkd_file
+    from beitdist.model import build_model
+    from beitdist.output_paths import OutputError
+
+    config = ENCODER.replace(rel_pos_bias="per_block", abs_pos_emb=False)
+    model = build_model(config, "vqkd_training", {"teacher": "unused", "teacher_dim": 32, "num_codes": 16,
+                                                  "code_dim": 8, "decoder_depth": 1})
+    source = save_checkpoint(model, tmp_path / "trained")
+    weights = (source / "model.safetensors").read_bytes()
+    other = tmp_path / "notes.safetensors"
+    other.write_bytes(b"not a tokenizer")
+    for out in (other, source, source / "model.safetensors", tmp_path / "a_dir"):
+        (tmp_path / "a_dir").mkdir(exist_ok=True)
+        with pytest.raises(OutputError):
+            export_vqkd(source, out)
+    assert other.read_bytes() == b"not a tokenizer" and (source / "model.safetensors").read_bytes() == weights
+    out = export_vqkd(source, tmp_path / "tok.safetensors")
+    assert is_vqkd_file(out)
+    with pytest.raises(OutputError, match="--overwrite|overwrite"):
+        export_vqkd(source, out)
+    assert export_vqkd(source, out, overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "notes.safetensors", "tok.safetensors", "trained"]
+    tokens = plugins.tokenizer_class("vqkd")({"path": str(out), "input_size": 32}).encode(_images())
+    assert tokens.shape == (4, 16) and int(tokens.max()) < 16

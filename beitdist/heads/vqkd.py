@@ -193,17 +193,12 @@ def is_vqkd_file(path: Path) -> bool:
 
 
 def export_vqkd(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """A tokenizer trained with `head: vqkd` (a run directory or its final/ weights) as a file in
+    """A tokenizer trained with `head: vqkd_training` (a run directory or its final/ weights) as a file in
     unilm's VQ-KD layout (`encoder.*`, `encode_task_layer.*`, `quantize.embedding.weight`, and
     the decoder for completeness), which the `vqkd` tokenizer reads. Written atomically; an
     existing VQ-KD file is replaced only with `overwrite`."""
-    import os
-    import uuid
-
-    from safetensors.torch import save_file
-
     from beitdist.checkpoint import load_model
-    from beitdist.output_paths import check_output_file, follow_umask
+    from beitdist.output_paths import check_output_file, write_safetensors_file
     from beitdist.tokenizers.vqkd import CODEBOOK, ENCODER, TASK_LAYER
 
     path = check_output_file(out, "VQ-KD tokenizer", is_vqkd_file, overwrite=overwrite)
@@ -225,16 +220,7 @@ def export_vqkd(source: str | Path, out: str | Path, *, overwrite: bool = False)
             tensors["decoder." + key.removeprefix("head.")] = value  # decoder and its task layer: not read back
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()
                if not k.endswith("relative_position_index")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": VQKD_FORMAT})
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors_file(path, tensors, {"format": VQKD_FORMAT})
 
 
 def add_export_cli(tokenizer_commands: Any) -> None:

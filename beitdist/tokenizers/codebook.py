@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from beitdist.errors import InputError
 from beitdist.hookspecs import hookimpl
-from beitdist.output_paths import check_output_file, follow_umask
+from beitdist.output_paths import check_output_file, write_safetensors_file
 from beitdist.schema import check
 from beitdist.tokenizers.base import Tokenizer
 
@@ -108,7 +106,6 @@ def save_codebook(codebook: Codebook, path: str | os.PathLike, *, overwrite: boo
     half-written codebook where a training run would read it. An existing codebook at `path` is
     replaced only with `overwrite`; any other file there is refused (`OutputError`)."""
     path = check_output_file(path, "codebook", is_codebook_file, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "centroids": codebook.centroids.detach().float().contiguous().cpu(),
         "patch_size": torch.tensor(codebook.patch_size, dtype=torch.int64),
@@ -118,15 +115,7 @@ def save_codebook(codebook: Codebook, path: str | os.PathLike, *, overwrite: boo
         "std": codebook.std.detach().float().contiguous().cpu(),
         "eps": torch.tensor(float(codebook.eps), dtype=torch.float32),
     }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "version": VERSION})
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors_file(path, tensors, {"format": FORMAT, "version": VERSION})
 
 
 def load_codebook(path: str | os.PathLike) -> Codebook:

@@ -191,13 +191,14 @@ def run_evaluation(model: Any, recipe: Any, shards: int, rank: int = 0, world: i
 
 
 # ---------------------------------------------------------------------------------- outputs
-def results_path(request: EvalRequest, recipe: Any, out: str | None) -> Path:
+def results_path(request: EvalRequest, recipe: Any, out: str | None, name: str | None = None) -> Path:
+    """--out, else `<run>/eval/<name>.json` (name: the eval mode); a bare checkpoint needs --out."""
     from beitdist.run.rundir import RunDir
 
     if out is not None:
         return Path(out)
     if _is_run(Path(request.source)):
-        return RunDir(request.source).evaluation(recipe.train.eval_mode)
+        return RunDir(request.source).evaluation(name or recipe.train.eval_mode)
     raise InputError(f"{request.source}: not a training run; say where the results go with --out FILE.json")
 
 
@@ -326,22 +327,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_representation(args: argparse.Namespace, request: EvalRequest) -> int:
     """`--knn` / `--linear-probe`: the backbone's features, whatever the head (a MIM run has no
-    class head); one process. Results in <run>/eval/representation.json (or --out)."""
+    class head); one process. Results in <run>/eval/representation.json (or --out, which a bare
+    checkpoint needs, as for the head's evaluation)."""
     from beitdist.checkpoint import load_model
     from beitdist.representation import representation_metrics
     from beitdist.run.files import write_atomic
 
     model = load_model(request.source, "auto", trust_pickle=request.trust_pickle)
     recipe, _ = resolve_recipe(request, model)
+    out = results_path(request, recipe, args.out, "representation")  # refused before any compute
     metrics = representation_metrics(model, recipe, knn=args.knn, linear=args.linear_probe)
-    if args.out is not None:
-        out = Path(args.out)
-    elif _is_run(Path(request.source)):
-        from beitdist.run.rundir import RunDir
-
-        out = RunDir(request.source).evaluation("representation")
-    else:
-        out = Path("representation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps({"source": str(request.source), "weights": weights_of(Path(request.source)),
                                   "dataset": recipe.data.dataset, "metrics": metrics}, indent=1))

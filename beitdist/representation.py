@@ -38,24 +38,37 @@ class Features:
     val_labels: torch.Tensor
 
 
-@torch.no_grad()
-def pooled_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, D) features of a batch (see the module docstring)."""
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    out = backbone(pixel_values)
+def pooled(out: Any) -> torch.Tensor:
+    """(B, D) features of a model or backbone output (see the module docstring)."""
     if out.pooler_output is not None:
         return out.pooler_output.float()
     return out.last_hidden_state[:, 1:].mean(dim=1).float()
 
 
 @torch.no_grad()
-def extract(model: Any, loader: Any, device: torch.device, max_images: int | None = None
+def pooled_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, D) features of a batch, from the backbone alone."""
+    return pooled((model.backbone if hasattr(model, "backbone") else model)(pixel_values))
+
+
+def labels_of(batch: Any, dataset: str) -> torch.Tensor:
+    """The batch's class ids; InputError when the dataset gives none (representation checks need them)."""
+    if "labels" not in batch:
+        from beitdist.errors import InputError
+
+        raise InputError(f"representation checks need class labels, and dataset {dataset!r} gives none with these "
+                         "options (for tar shards: set data.options.label_ext)")
+    return batch["labels"].long().cpu()
+
+
+@torch.no_grad()
+def extract(model: Any, loader: Any, device: torch.device, max_images: int | None = None, dataset: str = ""
             ) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels, seen = [], [], 0
     for batch in loader:
         pixels = batch["pixel_values"].to(device)
+        labels.append(labels_of(batch, dataset))
         feats.append(pooled_features(model, pixels).cpu())
-        labels.append(batch["labels"].long().cpu())
         seen += pixels.shape[0]
         if max_images is not None and seen >= max_images:
             break
@@ -77,8 +90,8 @@ def features_of(model: Any, recipe: Any, device: torch.device | None = None, max
     config = model.config
     train_loader, val_loader = build_labelled_eval_loaders(recipe.data, config.image_size[0], config.patch_size,
                                                            seed=recipe.seed)
-    train, train_labels = extract(model, train_loader, device, max_train)
-    val, val_labels = extract(model, val_loader, device)
+    train, train_labels = extract(model, train_loader, device, max_train, recipe.data.dataset)
+    val, val_labels = extract(model, val_loader, device, dataset=recipe.data.dataset)
     return Features(train, train_labels, val, val_labels)
 
 

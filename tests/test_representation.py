@@ -72,3 +72,22 @@ def test_representation_checks_during_training_on_two_ranks(stage, tmp_path):
     assert "val_knn_top1" not in by_step[2] and "val_knn_top1" not in by_step[6]
     assert 0.1 < by_step[4]["val_knn_top1"] <= 1.0 and 0.1 < by_step[4]["val_linear_probe_top1"] <= 1.0
     assert "representation check on 384 train / 360 val images" in out.stderr  # 300 -> 3 batches x 64 x 2 ranks
+
+
+def test_a_bare_checkpoint_needs_out_and_a_split_without_labels_is_one_line(tmp_path, capsys, monkeypatch):
+    from beitdist.backbone.config import BackboneConfig
+    from beitdist.checkpoint import save_checkpoint
+    from beitdist.errors import InputError
+    from beitdist.model import build_model
+    from beitdist.representation import labels_of
+
+    config = BackboneConfig(embed_dim=32, depth=2, num_heads=2, image_size=(32, 32), patch_size=8)
+    source = save_checkpoint(build_model(config, "classification", {"num_classes": 10}), tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(source), "--data", "digits", "--knn"]) == 2
+    assert "say where the results go with --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written in the working directory
+    assert main(["evaluate", str(source), "--data", "digits", "--knn", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["knn_top1"] > 0.1
+    with pytest.raises(InputError, match="need class labels, and dataset 'tar_shards' gives none"):
+        labels_of({"pixel_values": torch.zeros(1)}, "tar_shards")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from beitdist.errors import InputError
-from beitdist.representation import Features, knn_top1, linear_probe_top1
+from beitdist.representation import Features, knn_top1, labels_of, linear_probe_top1, pooled
 from beitdist.run.collectives import any_rank
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class RepresentationCheck:
             recipe.data, config.image_size[0], config.patch_size, seed=recipe.seed, rank=rank, world_size=world)
         self.engine, self.device, self.world = engine, device, world
         self.section = recipe.train.representation
-        self.seed = recipe.seed
+        self.seed, self.dataset = recipe.seed, recipe.data.dataset
         batch = recipe.data.val_batch_size or recipe.data.batch_size
         # the same number of train batches on every rank: the cap is cut evenly across them
         self.max_train_batches = math.ceil(self.section.max_train_images / (world * batch))
@@ -62,11 +62,11 @@ class RepresentationCheck:
                 if last is None:
                     raise InputError("train.representation: a rank has no images of a labelled split (fewer "
                                      "images than ranks)")
-                self._pooled(last)
+                self.engine.forward(last, None)
                 continue
+            labels.append(labels_of(raw, self.dataset))
             last = raw["pixel_values"].to(self.device)
-            feats.append(self._pooled(last).float().cpu())
-            labels.append(raw["labels"].long().cpu())
+            feats.append(pooled(self.engine.forward(last, None)).cpu())
             done += 1
         local = (torch.cat(feats) if feats else torch.zeros(0), torch.cat(labels) if labels else torch.zeros(0))
         if self.world == 1:
@@ -74,12 +74,6 @@ class RepresentationCheck:
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, local)
         return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
-
-    def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.engine.forward(pixels, None)
-        if out.pooler_output is not None:
-            return out.pooler_output
-        return out.last_hidden_state[:, 1:].mean(dim=1)
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:

@@ -16,6 +16,7 @@ import beitdist  # noqa: E402
 from beitdist.backbone.convert import CheckpointError  # noqa: E402
 from beitdist.cli import main  # noqa: E402
 from tests.conftest import hf_config, randomize_, save_hf  # noqa: E402
+from tests.test_parity_transformers import _assert_clean, _assert_same_files, _load_info  # noqa: E402
 
 TOL = 1e-4
 CASES = {
@@ -37,19 +38,9 @@ def _pixels(config, batch=2, seed=3):
 
 
 def _reload_clean(cls, directory):
-    model, info = cls.from_pretrained(directory, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys"), info
-    return model.eval()
-
-
-def _same_files(original, exported, skip=()):
-    from safetensors.torch import load_file
-
-    before = {k: v for k, v in load_file(str(original / "model.safetensors")).items() if not k.startswith(skip)}
-    after = load_file(str(exported / "model.safetensors"))
-    assert sorted(before) == sorted(after)
-    for key in before:
-        torch.testing.assert_close(after[key], before[key], atol=0, rtol=0, msg=key)
+    model, info = _load_info(cls, directory)
+    _assert_clean(info)
+    return model
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -68,7 +59,7 @@ def test_model_hidden_states_pooler_and_round_trip(case, tmp_path):
         torch.testing.assert_close(mine, theirs, atol=TOL, rtol=0)
 
     beitdist.export_hf(model, tmp_path / "exported", model_type="data2vec-vision")
-    _same_files(tmp_path / "hf", tmp_path / "exported")
+    _assert_same_files(tmp_path / "hf", tmp_path / "exported")
     written = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert written["model_type"] == "data2vec-vision" and written["architectures"] == ["Data2VecVisionModel"]
     again = _reload_clean(transformers.Data2VecVisionModel, tmp_path / "exported")
@@ -90,7 +81,7 @@ def test_classification_logits_and_round_trip(case, tmp_path):
 
     # the command line too: convert --to data2vec-vision
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "exported"), "--to", "data2vec-vision"]) == 0
-    _same_files(tmp_path / "hf", tmp_path / "exported")
+    _assert_same_files(tmp_path / "hf", tmp_path / "exported")
     again = _reload_clean(transformers.Data2VecVisionForImageClassification, tmp_path / "exported")
     with torch.no_grad():
         torch.testing.assert_close(again(pixels).logits, got, atol=TOL, rtol=0)
@@ -113,7 +104,7 @@ def test_segmentation_logits_and_round_trip(extra, tmp_path):
         expected, got = reference(pixels).logits, model(pixels).logits
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
     beitdist.export_hf(model, tmp_path / "exported", model_type="data2vec-vision")
-    _same_files(tmp_path / "hf", tmp_path / "exported")
+    _assert_same_files(tmp_path / "hf", tmp_path / "exported")
     again = _reload_clean(transformers.Data2VecVisionForSemanticSegmentation, tmp_path / "exported")
     with torch.no_grad():
         torch.testing.assert_close(again(pixels).logits, got, atol=TOL, rtol=0)

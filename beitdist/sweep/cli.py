@@ -55,7 +55,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     gpu = None if address and recipe.scaling.use_gpu == "auto" else uses_gpu(recipe)
     preflight(recipe, this_machine=not args.dry_run, gpu=gpu)
-    check_sweep(recipe, spec, args.recipe)  # a bad search space is one line before Ray starts
+    checked = check_sweep(recipe, spec, args.recipe)  # a bad search space is one line before Ray starts
     if args.dry_run and not address:
         nodes = None  # this machine, as a local Ray instance would see it; nothing is started
     else:
@@ -68,7 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         else:
             nodes = local_cluster(None, args.verbose)
     use_gpu = uses_gpu(recipe, sum(n.get("GPU", 0.0) for n in nodes) if address and nodes else None)
-    plan = prepare(recipe, spec, args.recipe, nodes, use_gpu)
+    plan = prepare(checked, args.recipe, nodes, use_gpu)
     print(plan.describe())
     if args.dry_run:
         return EXIT_OK

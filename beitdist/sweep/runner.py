@@ -114,11 +114,21 @@ class SweepPlan:
         return "\n".join(lines)
 
 
-def check_sweep(recipe: Recipe, spec: SweepSpec, where: str
-                ) -> tuple[Recipe, dict[str, Any], SweepSpec, list[Distribution], list[Trial]]:
+@dataclass(frozen=True)
+class CheckedSweep:
+    """What `check_sweep` accepted: the recipe (absolute output_dir), its mapping, the settings with
+    their defaults, the space and the sampled trials."""
+
+    recipe: Recipe
+    data: dict[str, Any]
+    spec: SweepSpec
+    space: list[Distribution]
+    trials: list[Trial]
+
+
+def check_sweep(recipe: Recipe, spec: SweepSpec, where: str) -> CheckedSweep:
     """The sweep's settings against the recipe and every sampled trial against the recipe schema
-    and its plugins, before anything starts (Ray included): (recipe with an absolute output_dir,
-    its mapping, the settings with defaults, the space, the trials)."""
+    and its plugins, before anything starts (Ray included)."""
     train = recipe.train
     if train.eval_every <= 0:
         raise SweepError(f"{where}: train.eval_every: a sweep compares trials on their evaluations; set it "
@@ -136,14 +146,13 @@ def check_sweep(recipe: Recipe, spec: SweepSpec, where: str
     space = parse_space(spec.search, "--search")
     trials = sample_trials(space, spec.trials, recipe.seed)
     check_space(data, space, trials, where)
-    return recipe, data, spec, space, trials
+    return CheckedSweep(recipe, data, spec, space, trials)
 
 
-def prepare(recipe: Recipe, spec: SweepSpec, where: str, nodes: list[dict[str, float]] | None,
-            use_gpu: bool) -> SweepPlan:
-    """Everything checked before a trial starts: `check_sweep`, then each trial's resources
-    against the cluster (`nodes`; None: this machine as a local Ray instance would see it)."""
-    recipe, data, spec, space, trials = check_sweep(recipe, spec, where)
+def prepare(checked: CheckedSweep, where: str, nodes: list[dict[str, float]] | None, use_gpu: bool) -> SweepPlan:
+    """The checked sweep with each trial's resources packed onto the cluster (`nodes`; None: this
+    machine as a local Ray instance would see it)."""
+    recipe, data, spec, space, trials = checked.recipe, checked.data, checked.spec, checked.space, checked.trials
     planned: dict[str, Any] = {}
     for trial in trials[:MAX_PLANNED]:
         trial_recipe = parse_recipe(with_values(data, trial.values), where=where, plugins=False)

@@ -5,8 +5,11 @@ Why it looks the way it does:
   never import mlflow (it takes seconds to import).
 - One MLflow run per run directory, across restarts: its id is kept in `<run_dir>/mlflow_run_id`
   and a restarted run continues it. A resumed run replays the steps between its checkpoint and
-  the crash; the last step logged per kind of event is kept as a run tag (sent in the same
-  `log_batch` call, so it costs nothing) and replayed steps are not logged again.
+  the crash, and replayed steps are not logged again: a value is skipped when the store already
+  holds that metric at that step or a later one (MLflow's latest value per metric, read at start).
+  That record is written in the same transaction as the values themselves; a mark kept as a run
+  tag was not (MLflow commits a batch's tags apart from its metrics), and a worker killed between
+  the two commits left steps that the restart logged twice.
 - Tracking must never stop training: the first failing MLflow call is reported once (a warning
   naming the URI) and tracking is off for the rest of the run. HTTP timeouts are short.
 - Where: `recipe.tracking.uri`, else `sqlite:///<run_dir>/mlflow.db` with artifacts in
@@ -58,7 +61,6 @@ log = logging.getLogger(__name__)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 """Set (unless already set) before the first call, so an unreachable server costs seconds, not
 MLflow's default minutes of retries with backoff."""
-MARK_TAG = "beitdist.last_logged_step."
 MAX_KEY, MAX_PARAM_VALUE, PARAMS_PER_BATCH = 250, 6000, 100  # MLflow's limits
 MAX_BATCH = 1000  # MLflow's limit on metrics + tags in one log_batch
 STALE_SCRATCH_S = 3600.0  # a scratch sqlite store this old was left by a killed run (see create_sqlite_store)
@@ -171,7 +173,8 @@ class Tracker:
         self.enabled = True
         self.client: Any = None
         self.run_id: str | None = None
-        self.marks: dict[str, int] = {}
+        self.latest: dict[str, int] = {}
+        """The last step the store holds for each metric key (see `_log_metrics_now`)."""
         resumed = int(context.extras.get("resumed_step") or 0)
         self.floor = resumed if resumed > 0 else -1
         """Nothing at or before the step training resumed from is logged again."""
@@ -226,8 +229,7 @@ class Tracker:
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        self.marks = {tag.removeprefix(MARK_TAG): int(value) for tag, value in run.data.tags.items()
-                      if tag.startswith(MARK_TAG)}
+        self.latest = {metric.key: metric.step for metric in run.data.to_proto().metrics}
         self._log_params(run.data.params)
         recipe = _plain(self.context.recipe)
         if recipe:
@@ -287,10 +289,10 @@ class Tracker:
         """Keep one training step's metrics (a copy). The kept steps are queued as one `log_batch`
         once `SEND_EVERY_S` has passed since the last batch (a step that comes later than that goes
         at once), before a step that would take the batch past what one `log_batch` may hold (so
-        a batch ends at a step, with that step's mark), and before any other event."""
+        a batch ends at a step), and before any other event."""
         entry = (step, int(time.time() * 1000), dict(metrics))
         with self.steps_lock:
-            if self.steps and self.steps_values + len(entry[2]) > MAX_BATCH - 1:  # 1: the mark tag
+            if self.steps and self.steps_values + len(entry[2]) > MAX_BATCH:
                 self._queue_steps()
             self.steps.append(entry)
             self.steps_values += len(entry[2])
@@ -317,9 +319,9 @@ class Tracker:
             return
         entries, self.steps, self.steps_values, self.sent_at = self.steps, [], 0, time.monotonic()
         if not self.closed:
-            self.worker.submit(lambda: self._log_metrics_now("train", entries, {}))
+            self.worker.submit(lambda: self._log_metrics_now(entries, {}))
 
-    def log_metrics(self, kind: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+    def log_metrics(self, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
         """Queue one `log_batch` for this event (a copy of `metrics`: the caller may reuse it),
         after the training steps kept so far: MLflow sees the events in the order they happened."""
         entries: list[tuple[int, int, Mapping[str, Any]]] = [(step, int(time.time() * 1000), dict(metrics))]
@@ -327,7 +329,7 @@ class Tracker:
         with self.steps_lock:
             self._queue_steps()
             if not self.closed:
-                self.worker.submit(lambda: self._log_metrics_now(kind, entries, tags))
+                self.worker.submit(lambda: self._log_metrics_now(entries, tags))
 
     def drain(self, timeout: float | None = None) -> bool:
         """Queue the kept steps and wait until everything queued is in the store."""
@@ -343,32 +345,38 @@ class Tracker:
         self.closing.set()
         return self.worker.close(timeout)
 
-    def _log_metrics_now(self, kind: str, entries: list[Entry], tags: Mapping[str, str]) -> None:
-        """Steps up to the last one logged for `kind` are skipped (a resumed run replays them; the
-        marks are known once `start` has run, on this thread); non-finite or non-numeric values are
-        left out. The last step sent is kept as the `kind`'s mark, in the same call."""
+    def _log_metrics_now(self, entries: list[Entry], tags: Mapping[str, str]) -> None:
+        """A value of a metric at a step the store already holds for it (or before it) is skipped:
+        a resumed run replays the steps after its checkpoint, and a restarted group may replay
+        steps its failed predecessor wrote just before it died. Nothing at or before the step
+        training resumed from is logged either. Non-finite or non-numeric values are left out."""
         if not self.enabled:
-            return
-        entries = [e for e in entries if e[0] > max(self.marks.get(kind, -1), self.floor)]
-        if not entries:
             return
         from mlflow.entities import Metric, RunTag
 
-        values = [Metric(re.sub(r"[^\w\-. /]", "_", k)[:MAX_KEY], float(v), when, step)
-                  for step, when, metrics in entries for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        last = entries[-1][0]
-        all_tags = [RunTag(MARK_TAG + kind, str(last))] + [RunTag(k, v) for k, v in tags.items()]
+        values = []
+        for step, when, metrics in entries:
+            if step <= self.floor:
+                continue
+            for name, value in metrics.items():
+                key = re.sub(r"[^\w\-. /]", "_", name)[:MAX_KEY]
+                if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                        and step > self.latest.get(key, -1)):
+                    values.append(Metric(key, float(value), when, step))
+        if not values:
+            return
+        all_tags = [RunTag(k, v) for k, v in tags.items()]
         split = max(len(values) - (MAX_BATCH - len(all_tags)), 0)  # what does not fit beside the tags
         for start in range(0, split, MAX_BATCH):
             self.guarded(lambda: self.client.log_batch(self.run_id, metrics=values[start:min(start + MAX_BATCH, split)]))
         self.guarded(lambda: self.client.log_batch(self.run_id, metrics=values[split:], tags=all_tags))
-        self.marks[kind] = last
+        for metric in values:
+            self.latest[metric.key] = max(self.latest.get(metric.key, -1), metric.step)
 
     def finish(self, step: int, metrics: Mapping[str, Any], final_dir: str | Path | None) -> None:
         """Queue the end of the run and wait for everything queued: the run is complete (or
         tracking failed and said so) when training returns."""
-        self.log_metrics("eval", step, metrics)  # already logged by the last evaluation: skipped
+        self.log_metrics(step, metrics)  # already logged by the last evaluation: skipped
         self.submit(lambda: self._finish_now(final_dir))
         self.close()
 
@@ -501,13 +509,13 @@ def beitdist_on_step_end(context: Any, step: int, metrics: dict[str, Any]) -> No
 @hookimpl
 def beitdist_on_eval_end(context: Any, step: int, metrics: dict[str, float]) -> None:
     if (tracker := _tracker(context)) is not None:
-        tracker.log_metrics("eval", step, metrics)
+        tracker.log_metrics(step, metrics)
 
 
 @hookimpl
 def beitdist_on_checkpoint_saved(context: Any, step: int, path: str) -> None:
     if (tracker := _tracker(context)) is not None:
-        tracker.log_metrics("checkpoint", step, {"last_checkpoint_step": step},
+        tracker.log_metrics(step, {"last_checkpoint_step": step},
                             {"beitdist.last_checkpoint_step": str(step), "beitdist.last_checkpoint": str(path)})
         tracker.drain()  # one write; a run stopped here (train.stop_at) keeps the record
 

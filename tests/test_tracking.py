@@ -190,6 +190,35 @@ def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, 
     assert (run_dir / "mlflow_run_id").read_text() == run_id
 
 
+def test_steps_a_killed_predecessor_wrote_after_its_checkpoint_are_not_logged_twice(emit, tmp_path, empty_store):
+    """A group restarted from the step-4 checkpoint replays steps 5-8, but its predecessor had
+    written 5-6 just before it died (a peer SIGKILLed, then Ray killed it): the store's own record
+    of each metric's last step decides, so 5-6 are not logged twice, whatever the predecessor
+    managed to write beside them (a mark kept as a tag is committed apart from the values)."""
+    run_dir = _with_store(tmp_path / "run", empty_store)
+    first = _context(run_dir)
+    emit("beitdist_on_train_start", context=first)
+    _steps(emit, first, range(1, 5))
+    emit("beitdist_on_checkpoint_start", context=first, step=4)
+    emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    tracking.reset()
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)  # the dying worker's last batch: values only, nothing else
+    _client(run_dir).log_batch(run_id, metrics=[Metric(k, 0.5, now, s) for s in (5, 6) for k in ("loss", "lr")])
+
+    again = _context(run_dir, resumed=4)
+    emit("beitdist_on_train_start", context=again)
+    _steps(emit, again, range(5, 9))
+    emit("beitdist_on_train_end", context=again, step=8, metrics={}, final_dir=None)
+    client = _client(run_dir)
+    for key in ("loss", "lr"):
+        assert _history(client, run_id, key) == list(range(1, 9)), key
+    assert _history(client, run_id, "images_per_s") == list(range(1, 9))  # the dead worker had not sent it for 5-6
+    assert _history(client, run_id, "last_checkpoint_step") == [4]
+
+
 def test_hooks_queue_mlflow_calls_and_checkpoints_wait_for_them(emit, tmp_path, monkeypatch, empty_store):
     """The training loop does not wait for MLflow: a store that is still opening costs the
     start and step hooks nothing; a checkpoint about to be written waits until every step before it is logged
@@ -307,7 +336,7 @@ def test_steps_are_sent_together_in_order_with_their_own_times(emit, tmp_path, m
 
 def test_batches_end_at_a_step_within_mlflow_limits(emit, tmp_path, monkeypatch, empty_store):
     """Steps of different sizes: a batch is sent before a step that would take it past MLflow's
-    limits, so every call ends at a step and carries that step's mark; an event bigger than one
+    limits, so every call ends at a step; an event bigger than one
     call is split; every value reaches the store once and tracking stays on."""
     from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
@@ -325,7 +354,6 @@ def test_batches_end_at_a_step_within_mlflow_limits(emit, tmp_path, monkeypatch,
         assert len(metrics) + len(tags) <= MAX_ENTITIES_PER_BATCH
     steps = [sorted({step for _, step in metrics}) for _, metrics, _ in calls[:3]]
     assert steps == [[1, 2, 3], [4, 5], [5]] and [len(m) for _, m, _ in calls[:2]] == [850, 650]
-    assert all(tags for _, _, tags in calls[:2])  # each step batch carries its mark
     sent = [entry for _, metrics, _ in calls for entry in metrics]
     assert len(sent) == len(set(sent)) == sum(sizes.values()) + 2300
     assert tracking._active.enabled

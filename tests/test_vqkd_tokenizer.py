@@ -105,3 +105,26 @@ def test_export_vqkd_never_replaces_what_is_not_a_vqkd_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "notes.safetensors", "tok.safetensors", "trained"]
     tokens = plugins.tokenizer_class("vqkd")({"path": str(out), "input_size": 32}).encode(_images())
     assert tokens.shape == (4, 16) and int(tokens.max()) < 16
+
+
+def test_an_exported_tokenizer_picks_the_codes_its_training_head_picks(tmp_path):
+    """An encoder without a relative-position table holds its head count nowhere in its weights: the
+    export records it, so the tokenizer runs the attention the head was trained with (4 heads here,
+    where unilm's guess of embed_dim // 64 would give 1) and picks the very codes the head picks."""
+    from beitdist.checkpoint import save_checkpoint
+    from beitdist.heads.vqkd import export_vqkd
+    from beitdist.model import build_model
+
+    config = ENCODER.replace(num_heads=4)
+    torch.manual_seed(0)
+    model = build_model(config, "vqkd_training", {"teacher": "unused", "teacher_dim": 32, "num_codes": 16,
+                                                  "code_dim": 8, "decoder_depth": 1}).eval()
+    path = export_vqkd(save_checkpoint(model, tmp_path / "trained"), tmp_path / "tok.safetensors")
+    tokenizer = plugins.tokenizer_class("vqkd")({"path": str(path), "input_size": 32})
+    assert tokenizer.encoder.config.num_heads == 4
+    images = _images(8)
+    with torch.no_grad():
+        features = model.backbone(images * 2 - 1).last_hidden_state[:, 1:]
+        z = model.head.encode_task_layer(model.head.encoder_norm(features))
+        expected = model.head.quantize.lookup(z.reshape(-1, 8)).reshape(8, 16)
+    assert torch.equal(tokenizer.encode(images), expected)

@@ -63,3 +63,16 @@ def test_vqkd_on_digits_uses_its_book_and_tokenizes_deterministically(quickstart
     first, second = tokenizer.encode(images), tokenizer.encode(images)
     assert first.shape == (64, 16) and torch.equal(first, second)
     assert len(set(first.flatten().tolist())) > 16
+    assert torch.equal(first, _head_codes(tmp_path / "runs" / "vqkd_restarts", images))  # what training quantised
+
+
+def _head_codes(run_dir, images: torch.Tensor) -> torch.Tensor:
+    """The codes the trained head itself picks for `images` in [0, 1] (normalised as the recipe's
+    "standard": the tokenizer's "default")."""
+    from beitdist.checkpoint import load_model
+
+    model = load_model(run_dir, head="auto").eval()
+    with torch.no_grad():
+        features = model.backbone(images * 2 - 1).last_hidden_state[:, 1:]
+        z = model.head.encode_task_layer(model.head.encoder_norm(features))
+        return model.head.quantize.lookup(z.reshape(-1, z.shape[-1])).reshape(z.shape[:2])

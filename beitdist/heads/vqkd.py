@@ -201,7 +201,7 @@ def export_vqkd(source: str | Path, out: str | Path, *, overwrite: bool = False)
     existing VQ-KD file is replaced only with `overwrite`."""
     from beitdist.checkpoint import load_model
     from beitdist.output_paths import check_output_file, write_safetensors_file
-    from beitdist.tokenizers.vqkd import CODEBOOK, ENCODER, TASK_LAYER
+    from beitdist.tokenizers.vqkd import CODEBOOK, ENCODER, NUM_HEADS_KEY, TASK_LAYER
 
     path = check_output_file(out, "VQ-KD tokenizer", is_vqkd_file, overwrite=overwrite)
     model = load_model(source, head="auto")
@@ -222,7 +222,9 @@ def export_vqkd(source: str | Path, out: str | Path, *, overwrite: bool = False)
             tensors["decoder." + key.removeprefix("head.")] = value  # decoder and its task layer: not read back
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()
                if not k.endswith("relative_position_index")}
-    return write_safetensors_file(path, tensors, {"format": VQKD_FORMAT})
+    # the head count is not in the weights when the encoder has no relative-position table
+    return write_safetensors_file(path, tensors, {"format": VQKD_FORMAT,
+                                                  NUM_HEADS_KEY: str(model.backbone.config.num_heads)})
 
 
 def add_export_cli(tokenizer_commands: Any) -> None:

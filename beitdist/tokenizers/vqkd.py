@@ -36,6 +36,9 @@ CODEBOOK = "quantize.embedding.weight"
 TRAINING_ONLY = ("decoder.", "decode_task_layer.", "quantize.", "loss", "teacher", "scaling_layer.")
 """Keys of a VQ-KD checkpoint that tokenizing does not read (the codebook excepted)."""
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NUM_HEADS_KEY = "num_heads"
+"""Metadata of a .safetensors VQ-KD file (`beitdist tokenizer export-vqkd` writes it): the encoder's
+head count, which its weights hold only in a relative-position table."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class VqkdOptions:
     process: Literal["default", "imagenet_norm"] = "default"
     """How pixels in [0, 1] are normalised for the encoder: unilm's `process_type`."""
     num_heads: int | None = None
-    """Attention heads of the encoder (not in the weights); default embed_dim // 64, as ViT-B/L."""
+    """Attention heads of the encoder: default the count a beitdist export records, else the
+    relative-position table's, else embed_dim // 64 (unilm's ViT-B/L encoders)."""
     trust_pickle: bool = False
     """Allow arbitrary unpickling of a .pth (trusted files only); plain state dicts need none."""
 
@@ -55,6 +59,17 @@ class VqkdOptions:
         check(bool(self.path), "path", "expected the path of a VQ-KD checkpoint")
         check(self.input_size > 0, "input_size", f"expected a positive int, got {self.input_size}")
         check(self.num_heads is None or self.num_heads > 0, "num_heads", f"expected > 0, got {self.num_heads}")
+
+
+def recorded_num_heads(path: Path) -> int | None:
+    """The head count a .safetensors VQ-KD file records (`NUM_HEADS_KEY`), else None."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        value = (f.metadata() or {}).get(NUM_HEADS_KEY)
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
 
 
 def split_checkpoint(state: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor],
@@ -96,8 +111,9 @@ class VqkdTokenizer(Tokenizer):
         encoder_state, task_state, codebook = split_checkpoint(read_tensors(path, self.opts.trust_pickle), where)
         native = unilm_to_native(encoder_state)
         config = infer_backbone_config(native, where)
-        if self.opts.num_heads is not None:
-            config = config.replace(num_heads=self.opts.num_heads)
+        num_heads = self.opts.num_heads or recorded_num_heads(path)
+        if num_heads is not None:
+            config = config.replace(num_heads=num_heads)
         elif config.rel_pos_bias == "none":
             config = config.replace(num_heads=max(1, config.embed_dim // 64))
         if config.image_size != (self.opts.input_size, self.opts.input_size):

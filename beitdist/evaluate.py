@@ -4,7 +4,7 @@ The numbers are the training loop's own: the same head (`evaluate_batch`, `metri
 `compute_metrics`), the same validation transform and the same batches. The validation split is
 cut into the shards the run's ranks evaluated (`--shards`, default: the run's world size), and
 each process evaluates every N-th shard, so one process, or N under torchrun, reproduces what a
-run of any size logged (val_loss is a mean over batches, which depends on how they were cut).
+run of any size logged (the padding of the last shards depends on how the split was cut).
 The head's `detail_state` / `report` add what training never computes: per-class numbers and,
 for classification, the confusion matrix. Results go to a JSON file (in the run: `eval/`) and to
 the run's MLflow run.
@@ -143,8 +143,9 @@ def _accumulate(totals: dict[str, torch.Tensor], state: Mapping[str, torch.Tenso
 def run_evaluation(model: Any, recipe: Any, shards: int, rank: int = 0, world: int = 1,
                    device: torch.device | None = None) -> EvalResult:
     """Evaluate shards rank, rank + world, ... of `shards`; the sums are all-reduced when a
-    process group of `world` > 1 ranks is up. Same arithmetic as `beitdist.run.evaluator`: the
-    loss is summed per shard in batch order and the shards' sums are added in shard order."""
+    process group of `world` > 1 ranks is up. Same arithmetic as `beitdist.run.evaluator`: each
+    batch's loss times its images is summed per shard in batch order, the shards' sums are added in
+    shard order, and the total is divided by the images."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     head = model.head
@@ -157,15 +158,14 @@ def run_evaluation(model: Any, recipe: Any, shards: int, rank: int = 0, world: i
     start = time.time()
     totals: dict[str, torch.Tensor] = {}
     shard_losses = torch.zeros(shards, dtype=torch.float64)
-    batches = torch.zeros(shards, dtype=torch.float64)
     images = 0
     for shard in range(rank, shards, world):
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in _Batches(recipe, model, shard, shards, device, tokenizer):
             out = head.evaluate_batch(forward, batch, recipe.train.eval_mode)
-            loss_sum += float(model.loss(out, batch))
-            batches[shard] += 1
-            images += int(batch["pixel_values"].shape[0])
+            size = int(batch["pixel_values"].shape[0])
+            loss_sum += float(model.loss(out, batch)) * size
+            images += size
             _accumulate(totals, head.metric_state(out, batch))
             _accumulate(totals, head.detail_state(out, batch))
         shard_losses[shard] = loss_sum
@@ -175,18 +175,17 @@ def run_evaluation(model: Any, recipe: Any, shards: int, rank: int = 0, world: i
 
         for key in keys:  # every rank holds every key: each has a shard (cmd_evaluate checks world <= shards)
             dist.all_reduce(totals[key])
-        for tensor in (shard_losses, batches):
-            dist.all_reduce(tensor)
+        dist.all_reduce(shard_losses)
         count = torch.tensor([float(images)], dtype=torch.float64)
         dist.all_reduce(count)
         images = int(count.item())
-    if float(batches.sum()) == 0:
+    if images == 0:
         raise InputError("the validation split is empty: nothing was evaluated")
     loss = 0.0
     for shard_loss in shard_losses.tolist():  # added in rank order, as the all-reduce of a run does
         loss += shard_loss
     metrics = {f"val_{k}": v for k, v in head.compute_metrics(totals).items()}
-    metrics["val_loss"] = loss / max(float(batches.sum()), 1.0)
+    metrics["val_loss"] = loss / images
     return EvalResult(metrics, head.report(totals), images, time.time() - start)
 
 
@@ -363,7 +362,8 @@ def add_evaluate_cli(commands: Any) -> None:
                         "(segmentation; default: the recipe's train.eval_mode)")
     parser.add_argument("--batch-size", type=int, help="validation batch size (default: the recipe's)")
     parser.add_argument("--shards", type=int, help="cut the split as this many ranks did (default: the run's world "
-                        "size, 1 for a checkpoint): val_loss, a mean over batches, then matches the run's")
+                        "size, 1 for a checkpoint): the samples repeated to even the shards, and so val_loss, then "
+                        "match the run's")
     parser.add_argument("--out", help="the JSON results file (default for a run: <run>/eval/<mode>.json)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     parser.add_argument("--knn", action="store_true",

@@ -228,8 +228,8 @@ def test_ema_under_zero3_resumes_exactly_and_matches_zero2_and_fairscale(tmp_pat
         out = run_recipe(recipe, tmp_path, nproc=nproc)
         assert "resumed from step_3" in out.stderr and "holds no model EMA" not in out.stderr
         _assert_close(_final(recipe, tmp_path)[0], weights, atol)
-        # on 1 rank the split is batched differently (val_loss is a mean over batches) and not
-        # padded to a multiple of 2 ranks (359 images, not 360)
+        # on 1 rank the split is not padded to a multiple of 2 ranks (359 images, not 360): the loss
+        # and top-1 move a little
         key, tolerance = ("val_ema_loss", 1e-5) if nproc == 2 else ("val_ema_top5", 2 / 359)
         assert result_of(recipe, tmp_path)["metrics"][key] == pytest.approx(metrics[key], abs=tolerance)
 

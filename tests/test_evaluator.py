@@ -63,12 +63,23 @@ class _Stream:
             yield _batch(i)
 
 
+def _model() -> torch.nn.Module:
+    """The tiny classifier every rank and the test build alike; a random head (not the usual near-zero
+    one), so that images differ in their loss."""
+    torch.manual_seed(0)
+    config = variant("tiny", embed_dim=32, depth=2, num_heads=2, image_size=16, patch_size=4, drop_path_rate=0.0)
+    module = build_model(config, "classification", {"num_classes": 10})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in module.head.parameters():
+            parameter.normal_(0.0, 1.0, generator=g)
+    return module
+
+
 def _evaluate(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        config = variant("tiny", embed_dim=32, depth=2, num_heads=2, image_size=16, patch_size=4, drop_path_rate=0.0)
-        module = build_model(config, "classification", {"num_classes": 10})
+        module = _model()
         engine, stream = _Engine(module), _Stream(SHARDS[world][rank])
         evaluator = Evaluator(engine, module, stream, dict, torch.device("cpu"), rank, "whole")
         metrics = evaluator.evaluate()
@@ -99,3 +110,9 @@ def test_uneven_shards_on_two_ranks_give_the_metrics_of_one(tmp_path):
     for r in two:
         assert r["metrics"].keys() == one["metrics"].keys()
         assert r["metrics"] == pytest.approx(one["metrics"], rel=1e-9, abs=1e-12)
+    # val_loss is the mean over the 25 images, not over the 5 batches of 3 to 7
+    module = _model().eval()
+    with torch.no_grad():
+        per_image = [float(module.loss(module(batch["pixel_values"][j:j + 1]), {"labels": batch["labels"][j:j + 1]}))
+                     for batch in map(_batch, range(len(BATCH_SIZES))) for j in range(batch["labels"].shape[0])]
+    assert one["metrics"]["val_loss"] == pytest.approx(sum(per_image) / len(per_image), rel=1e-5)

@@ -25,7 +25,8 @@ Batch = dict[str, torch.Tensor]
 class Evaluator:
     """`evaluate()` runs the head's `evaluate_batch` over the validation loader in eval mode and
     returns `val_<metric>` (the head's `compute_metrics` of the summed `metric_state`) and
-    `val_loss` (mean over batches)."""
+    `val_loss`: each batch's loss weighted by its images (as timm's validate), so a short last
+    batch or a rank with fewer images does not count as much as a full one."""
 
     def __init__(self, engine: Any, module: Any, loader: Iterable[Mapping[str, Any]] | None,
                  prepare: Callable[[Mapping[str, Any]], Batch], device: torch.device, rank: int,
@@ -44,7 +45,7 @@ class Evaluator:
         self.engine.eval()
         head = self.module.head
         totals: dict[str, torch.Tensor] = {}
-        loss_sum, count = torch.zeros((), dtype=torch.float64), 0
+        loss_sum, images = torch.zeros((), dtype=torch.float64), 0
         self.forwards = 0
         with torch.no_grad():
             batches = iter(self.loader)
@@ -67,15 +68,16 @@ class Evaluator:
                 raw = next(batches, None)
                 out = head.evaluate_batch(self.engine.forward, batch, self.mode)
                 self.forwards += 1
-                loss_sum += float(self.module.loss(out, batch))
-                count += 1
+                size = int(batch["pixel_values"].shape[0])
+                loss_sum += float(self.module.loss(out, batch)) * size
+                images += size
                 for key, value in head.metric_state(out, batch).items():
                     totals[key] = totals.get(key, 0) + value.double().cpu()
         keys = sorted(totals)
         # one all-reduce for every sum, scalars and vectors alike (per-class counts, code counts)
         packed = torch.cat([totals[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
         packed = all_reduced(packed, self.device)
-        stats = all_reduced(torch.tensor([float(loss_sum), float(count)], dtype=torch.float64), self.device)
+        stats = all_reduced(torch.tensor([float(loss_sum), float(images)], dtype=torch.float64), self.device)
         sizes = [totals[k].numel() for k in keys]
         reduced = {k: part.reshape(totals[k].shape) for k, part in zip(keys, packed.split(sizes), strict=True)}
         metrics = {f"val_{k}": v for k, v in head.compute_metrics(reduced).items()}

@@ -6,7 +6,8 @@ Why it looks the way it does:
 - One MLflow run per run directory, across restarts: its id is kept in `<run_dir>/mlflow_run_id`
   and a restarted run continues it. A resumed run replays the steps between its checkpoint and
   the crash, and replayed steps are not logged again: a value is skipped when the store already
-  holds that metric at that step or a later one (MLflow's latest value per metric, read at start).
+  holds that metric at that step or a later one (MLflow's latest value per metric, read just
+  before the first values go, after a dying predecessor's last writes).
   That record is written in the same transaction as the values themselves; a mark kept as a run
   tag was not (MLflow commits a batch's tags apart from its metrics), and a worker killed between
   the two commits left steps that the restart logged twice.
@@ -173,8 +174,9 @@ class Tracker:
         self.enabled = True
         self.client: Any = None
         self.run_id: str | None = None
-        self.latest: dict[str, int] = {}
-        """The last step the store holds for each metric key (see `_log_metrics_now`)."""
+        self.latest: dict[str, int] | None = None
+        """The last step the store holds for each metric key (see `_log_metrics_now`): read just
+        before the first values are sent, the latest moment a dying predecessor may have written."""
         resumed = int(context.extras.get("resumed_step") or 0)
         self.floor = resumed if resumed > 0 else -1
         """Nothing at or before the step training resumed from is logged again."""
@@ -229,7 +231,6 @@ class Tracker:
         else:
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        self.latest = {metric.key: metric.step for metric in run.data.to_proto().metrics}
         self._log_params(run.data.params)
         recipe = _plain(self.context.recipe)
         if recipe:
@@ -354,6 +355,10 @@ class Tracker:
             return
         from mlflow.entities import Metric, RunTag
 
+        if self.latest is None:
+            self.guarded(self._read_latest)
+            if self.latest is None:  # tracking just turned off
+                return
         values = []
         for step, when, metrics in entries:
             if step <= self.floor:
@@ -372,6 +377,10 @@ class Tracker:
         self.guarded(lambda: self.client.log_batch(self.run_id, metrics=values[split:], tags=all_tags))
         for metric in values:
             self.latest[metric.key] = max(self.latest.get(metric.key, -1), metric.step)
+
+    def _read_latest(self) -> None:
+        run = self.client.get_run(self.run_id)
+        self.latest = {metric.key: metric.step for metric in run.data.to_proto().metrics}
 
     def finish(self, step: int, metrics: Mapping[str, Any], final_dir: str | Path | None) -> None:
         """Queue the end of the run and wait for everything queued: the run is complete (or

@@ -191,10 +191,11 @@ def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, 
 
 
 def test_steps_a_killed_predecessor_wrote_after_its_checkpoint_are_not_logged_twice(emit, tmp_path, empty_store):
-    """A group restarted from the step-4 checkpoint replays steps 5-8, but its predecessor had
-    written 5-6 just before it died (a peer SIGKILLed, then Ray killed it): the store's own record
-    of each metric's last step decides, so 5-6 are not logged twice, whatever the predecessor
-    managed to write beside them (a mark kept as a tag is committed apart from the values)."""
+    """A group restarted from the step-4 checkpoint replays steps 5-8, but its predecessor wrote
+    5-6 as it died (a peer SIGKILLed, then Ray killed it), even after the new group's tracker
+    started: the store's own record of each metric's last step, read before the first values go,
+    decides, so 5-6 are not logged twice, whatever the predecessor managed to write beside them (a
+    mark kept as a tag is committed apart from the values)."""
     run_dir = _with_store(tmp_path / "run", empty_store)
     first = _context(run_dir)
     emit("beitdist_on_train_start", context=first)
@@ -203,13 +204,13 @@ def test_steps_a_killed_predecessor_wrote_after_its_checkpoint_are_not_logged_tw
     emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
     run_id = (run_dir / "mlflow_run_id").read_text()
     tracking.reset()
+    again = _context(run_dir, resumed=4)
+    emit("beitdist_on_train_start", context=again)
+    tracking.flush()
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)  # the dying worker's last batch: values only, nothing else
     _client(run_dir).log_batch(run_id, metrics=[Metric(k, 0.5, now, s) for s in (5, 6) for k in ("loss", "lr")])
-
-    again = _context(run_dir, resumed=4)
-    emit("beitdist_on_train_start", context=again)
     _steps(emit, again, range(5, 9))
     emit("beitdist_on_train_end", context=again, step=8, metrics={}, final_dir=None)
     client = _client(run_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -86,3 +87,23 @@ def test_ranks_with_different_data_keep_one_codebook(tmp_path):
         both = [torch.randn(64, 8, generator=torch.Generator().manual_seed(100 * r + step)) for r in range(2)]
         q(torch.cat(both))
     torch.testing.assert_close(a["codebook"], q.codebook, atol=1e-5, rtol=0)
+
+
+def test_the_codebook_stays_fp32_and_lookups_exact_under_bf16():
+    """A blanket cast (`.bfloat16()`, `.half()`) leaves the codebook and its EMA statistics in fp32,
+    and a lookup under bf16 autocast still ranks two codes whose cosines differ by 2e-4 (both
+    round to 1.0 in bf16, where the first would win the tie)."""
+    quantizer = NormEmaQuantizer(2, 8, decay=0.99).bfloat16()
+    for name in NormEmaQuantizer.FP32_STATE:
+        assert getattr(quantizer, name).dtype == torch.float32, name
+    assert quantizer.half().codebook.dtype == torch.float32 and quantizer.last_used.dtype == torch.long
+    first, second, z = torch.zeros(8), torch.zeros(8), torch.zeros(1, 8)
+    first[0] = second[0] = z[0, 0] = 1.0
+    second[1], z[0, 1] = 0.05, 0.03
+    quantizer.codebook.copy_(torch.nn.functional.normalize(torch.stack([first, second]), dim=-1))
+    assert int(quantizer.lookup(z)) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert int(quantizer.lookup(z.bfloat16())) == 1
+        out = quantizer.train()(z.bfloat16().expand(4, -1))
+    assert out.codes.dtype == torch.float32 and out.indices.tolist() == [1, 1, 1, 1]
+    assert quantizer.codebook.dtype == torch.float32 and float(quantizer.cluster_size[1]) == pytest.approx(0.04)

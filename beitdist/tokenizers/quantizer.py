@@ -38,6 +38,7 @@ class Quantized:
 
 
 class NormEmaQuantizer(nn.Module):
+    FP32_STATE = ("codebook", "cluster_size", "embed_sum", "window_counts")
     codebook: torch.Tensor
     cluster_size: torch.Tensor
     embed_sum: torch.Tensor
@@ -63,14 +64,33 @@ class NormEmaQuantizer(nn.Module):
         self.register_buffer("window_counts", torch.zeros(num_codes))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # nn.Module's own signature
+        """The codebook and its EMA statistics stay fp32 whatever the module is cast to (a blanket
+        `.bfloat16()` / `.half()`, as older DeepSpeed versions applied to the whole model): an EMA
+        with decay 0.99 moves a code by 1% of the way per step, below bf16's resolution, and counts
+        past 256 stop adding up in bf16."""
+        super()._apply(fn, recurse)
+        for name in self.FP32_STATE:
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
+
     @torch.no_grad()
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
-        """(N,) ids of the nearest codes to the (N, dim) vectors (cosine similarity)."""
-        return (F.normalize(z.float(), dim=-1) @ self.codebook.t()).argmax(dim=-1)
+        """(N,) ids of the nearest codes to the (N, dim) vectors (cosine similarity, in fp32 even
+        under autocast: bf16's 3 digits would rank close codes wrongly)."""
+        with torch.autocast(z.device.type, enabled=False):
+            return (F.normalize(z.float(), dim=-1) @ self.codebook.t()).argmax(dim=-1)
 
     def forward(self, z: torch.Tensor) -> Quantized:
         """Quantize (N, dim) vectors; in training mode, also update the codebook (a collective
-        when a process group is up: every rank must call it for every batch)."""
+        when a process group is up: every rank must call it for every batch). fp32 throughout,
+        under autocast too."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z)
+
+    def _quantize(self, z: torch.Tensor) -> Quantized:
         z = F.normalize(z.float(), dim=-1)
         indices = self.lookup(z)
         codes = self.codebook[indices]

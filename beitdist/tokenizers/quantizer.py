@@ -64,7 +64,7 @@ class NormEmaQuantizer(nn.Module):
         self.register_buffer("window_counts", torch.zeros(num_codes))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # nn.Module's own signature
+    def _apply(self, fn, recurse=True):  # nn.Module's own (untyped) signature
         """The codebook and its EMA statistics stay fp32 whatever the module is cast to (a blanket
         `.bfloat16()` / `.half()`, as older DeepSpeed versions applied to the whole model): an EMA
         with decay 0.99 moves a code by 1% of the way per step, below bf16's resolution, and counts

@@ -17,7 +17,7 @@ process per run, `--jobs` runs side by side:
 
 With `--v2`, a third arm, BEiT v2 (arXiv 2208.06366), with the same pretraining and fine-tuning budget:
 (a) a teacher standing in for CLIP: `finetune.yaml` from random weights on all training labels
-(`--teacher-steps`); (b) `vqkd.yaml`: the VQ-KD tokenizer, distilled from that teacher on the training
+(`--teacher-steps`), or with `--v2-teacher mim` no labels at all: seed 0's v1 pretraining; (b) `vqkd.yaml`: the VQ-KD tokenizer, distilled from that teacher on the training
 images, exported with `beitdist tokenizer export-vqkd`; (c) per seed, `pretrain_v2.yaml` (MIM against
 the VQ-KD codes plus the patch-aggregation branch); (d) the same fine-tunes from its weights.
 `--knn-every N` (default: every pretraining evaluation) switches on beitdist's representation checks
@@ -134,13 +134,20 @@ def finished(run: Run, runs_dir: Path) -> dict[str, Any] | None:
     return result if result.get("step") == run.steps and result.get("final_dir") else None
 
 
+def teacher_dir(args: argparse.Namespace, runs_dir: Path) -> Path:
+    """v2's teacher: a model trained on every training label (`teacher`), or, label-free, the first
+    seed's v1 MIM pretraining."""
+    name = "teacher" if args.v2_teacher == "supervised" else f"pretrain_s{args.seeds[0]}"
+    return runs_dir / name / "final"
+
+
 def plan_runs(args: argparse.Namespace, runs_dir: Path, codebook: Path, vqkd: Path) -> list[Run]:
     """In the order the runs are started (two at a time): nothing waits long for what it needs."""
     common = [f"output_dir={runs_dir}"]
     if args.eval_every:
         common.append(f"train.eval_every={args.eval_every}")
     runs: list[Run] = []
-    if args.v2:  # the teacher, then the tokenizer distilled from it
+    if args.v2 and args.v2_teacher == "supervised":  # the teacher, then the tokenizer distilled from it
         runs.append(Run("teacher", FINETUNE_RECIPE, common + [
             "name=teacher", "seed=0", "model.init=null", "data.options.train_fraction=1.0",
             f"train.steps={args.teacher_steps}", *args.set_finetune], args.teacher_steps, "teacher", 0))
@@ -154,9 +161,9 @@ def plan_runs(args: argparse.Namespace, runs_dir: Path, codebook: Path, vqkd: Pa
     runs += v1[:2]
     if args.v2:
         runs.append(Run("vqkd", VQKD_RECIPE, common + [
-            "name=vqkd", "seed=0", f"head.options.teacher={runs_dir / 'teacher' / 'final'}",
+            "name=vqkd", "seed=0", f"head.options.teacher={teacher_dir(args, runs_dir)}",
             f"head.options.num_codes={args.vocab_size}", f"train.steps={args.vqkd_steps}"],
-            args.vqkd_steps, "vqkd", 0, after="teacher", export_to=vqkd))
+            args.vqkd_steps, "vqkd", 0, after=teacher_dir(args, runs_dir).parent.name, export_to=vqkd))
     runs += v1[2:]
     fine_tunes: dict[str, list[Run]] = {arm: [] for arm in arms(args)}
     for seed in args.seeds:
@@ -255,7 +262,7 @@ def summarize(runs: list[Run], runs_dir: Path, args: argparse.Namespace) -> dict
         if r.arm in ("teacher", "vqkd"):  # the v2 arm's ingredients: how good the teacher and the codes were
             summary[r.arm] = {k: v for k, v in r.result["metrics"].items() if k.startswith("val_")}
     if args.knn_every:
-        teacher = runs_dir / "teacher" / "final" if args.v2 else None
+        teacher = teacher_dir(args, runs_dir) if args.v2 else None
         summary["representation_baselines"] = representation_baselines(args.seeds, teacher)
     return summary
 
@@ -391,10 +398,12 @@ def write_table(summary: dict[str, Any], args: argparse.Namespace, path: Path) -
         lines += ["", "The same k-NN / linear probe on " + "; ".join(
             f"{named[k]}: {v['knn_top1']:.3f} / {v['linear_probe_top1']:.3f}"
             for k, v in summary["representation_baselines"].items()) + "."]
-    if "teacher" in summary:
-        vq = summary.get("vqkd", {})
-        lines += ["", f"v2's teacher (all training labels, {args.teacher_steps} steps): val top-1 "
-                  f"{summary['teacher'].get('val_top1', math.nan):.3f}. VQ-KD tokenizer ({args.vqkd_steps} steps): "
+    if "vqkd" in summary:
+        vq = summary["vqkd"]
+        teacher = (f"all training labels, {args.teacher_steps} steps): val top-1 "
+                   f"{summary['teacher'].get('val_top1', math.nan):.3f}" if "teacher" in summary else
+                   f"no labels: the v1 pretraining of seed {args.seeds[0]})")
+        lines += ["", f"v2's teacher ({teacher}. VQ-KD tokenizer ({args.vqkd_steps} steps): "
                   f"codebook usage {vq.get('val_codebook_usage', math.nan):.2f}, perplexity "
                   f"{vq.get('val_codebook_perplexity', math.nan):.1f}, cosine to the teacher's features "
                   f"{vq.get('val_rec_cosine', math.nan):.3f}."]
@@ -488,7 +497,7 @@ def log_to_mlflow(out: Path, args: argparse.Namespace, summary: dict[str, Any], 
     params = {"seeds": " ".join(map(str, args.seeds)), "label_fractions": " ".join(f"{f:g}" for f in args.label_fractions),
               "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
               "vocab_size": args.vocab_size, "mask_ratio": args.mask_ratio, "smoke": args.smoke, "v2": args.v2,
-              "teacher_steps": args.teacher_steps, "vqkd_steps": args.vqkd_steps, "knn_every": args.knn_every,
+              "teacher_steps": args.teacher_steps, "v2_teacher": args.v2_teacher, "vqkd_steps": args.vqkd_steps, "knn_every": args.knn_every,
               "set_pretrain": " ".join(args.set_pretrain), "set_finetune": " ".join(args.set_finetune)}
     now = int(time.time() * 1000)
     metrics = []
@@ -523,6 +532,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="extra recipe override for every fine-tuning arm (and v2's teacher)")
     parser.add_argument("--v2", action="store_true", help="add the BEiT v2 arm (teacher, VQ-KD tokenizer, v2 pretraining)")
     parser.add_argument("--teacher-steps", type=int, default=900, help="v2: steps of the teacher (all labels)")
+    parser.add_argument("--v2-teacher", choices=["supervised", "mim"], default="supervised",
+                        help="v2: distil the VQ-KD tokenizer from a model trained on all labels (default), or, "
+                             "with no labels anywhere before fine-tuning, from the first seed's v1 pretraining")
     parser.add_argument("--vqkd-steps", type=int, help="v2: steps of the VQ-KD tokenizer (default: vqkd.yaml's)")
     parser.add_argument("--knn-every", type=int,
                         help="representation checks in every pretraining run every N steps (default: at every "

@@ -161,18 +161,23 @@ def test_one_run_params_metrics_artifacts(emit, tmp_path, monkeypatch):
     assert Image.open(masked).getpixel((0, 0)) == (128, 128, 128)  # patch 0 is masked
 
 
+def _first_process(emit, run_dir, last_step: int) -> str:
+    """A process that logs steps 1..`last_step` with a checkpoint at step 4, then dies (the
+    tracker's module state is reset); the id of its MLflow run."""
+    first = _context(run_dir)
+    emit("beitdist_on_train_start", context=first)
+    _steps(emit, first, range(1, last_step + 1))
+    emit("beitdist_on_checkpoint_start", context=first, step=4)
+    emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
+    tracking.reset()
+    return (run_dir / "mlflow_run_id").read_text()
+
+
 def test_restart_continues_the_same_run_without_duplicate_steps(emit, tmp_path, caplog, empty_store):
     """A restart (fresh module state, same run dir) continues the run: no second run, no step
     logged twice even though steps 5-6 are replayed from the step-4 checkpoint."""
     run_dir = _with_store(tmp_path / "run", empty_store)
-    first = _context(run_dir)
-    emit("beitdist_on_train_start", context=first)
-    _steps(emit, first, range(1, 7))
-    emit("beitdist_on_checkpoint_start", context=first, step=4)
-    emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
-    run_id = (run_dir / "mlflow_run_id").read_text()
-
-    tracking.reset()  # the process died; a new one starts from the step-4 checkpoint
+    run_id = _first_process(emit, run_dir, last_step=6)  # then it died; a new one starts from step 4
     again = _context(run_dir, resumed=4, steps=10)  # and the recipe changed meanwhile
     with caplog.at_level(logging.WARNING, logger="beitdist.tracking"):
         emit("beitdist_on_train_start", context=again)
@@ -197,13 +202,7 @@ def test_steps_a_killed_predecessor_wrote_after_its_checkpoint_are_not_logged_tw
     decides, so 5-6 are not logged twice, whatever the predecessor managed to write beside them (a
     mark kept as a tag is committed apart from the values)."""
     run_dir = _with_store(tmp_path / "run", empty_store)
-    first = _context(run_dir)
-    emit("beitdist_on_train_start", context=first)
-    _steps(emit, first, range(1, 5))
-    emit("beitdist_on_checkpoint_start", context=first, step=4)
-    emit("beitdist_on_checkpoint_saved", context=first, step=4, path="ckpt4")
-    run_id = (run_dir / "mlflow_run_id").read_text()
-    tracking.reset()
+    run_id = _first_process(emit, run_dir, last_step=4)
     again = _context(run_dir, resumed=4)
     emit("beitdist_on_train_start", context=again)
     tracking.flush()

@@ -17,7 +17,8 @@ process per run, `--jobs` runs side by side:
 
 With `--v2`, a third arm, BEiT v2 (arXiv 2208.06366), with the same pretraining and fine-tuning budget:
 (a) a teacher standing in for CLIP: `finetune.yaml` from random weights on all training labels
-(`--teacher-steps`), or with `--v2-teacher mim` no labels at all: seed 0's v1 pretraining; (b) `vqkd.yaml`: the VQ-KD tokenizer, distilled from that teacher on the training
+(`--teacher-steps`), or, with `--v2-teacher mim` and no labels at all, the first seed's v1
+pretraining; (b) `vqkd.yaml`: the VQ-KD tokenizer, distilled from that teacher on the training
 images, exported with `beitdist tokenizer export-vqkd`; (c) per seed, `pretrain_v2.yaml` (MIM against
 the VQ-KD codes plus the patch-aggregation branch); (d) the same fine-tunes from its weights.
 `--knn-every N` (default: every pretraining evaluation) switches on beitdist's representation checks
@@ -26,7 +27,8 @@ so both pretrainings are compared along the way, not only after fine-tuning.
 
 Outputs in --out: `results.md` (table: validation top-1 at the last step, mean +- sample std over
 seeds, per arm and fraction), `results.json` (every number, per-seed curves), `curves.png`
-(validation top-1 during fine-tuning, mean +- std band), all three also logged as artifacts of an
+(validation top-1 during fine-tuning, masked-token accuracy and, with the representation checks,
+k-NN / linear probe during pretraining; mean +- std bands), all three also logged as artifacts of an
 MLflow run "summary" in the experiment `mim_vs_scratch` of `sqlite:///<out>/mlflow.db`. Each
 training run keeps its own MLflow store in `<out>/runs/<name>/mlflow.db`; the curves are read
 from there. A finished run (its `train_result.json` reached the requested step) is not run again,
@@ -160,10 +162,11 @@ def plan_runs(args: argparse.Namespace, runs_dir: Path, codebook: Path, vqkd: Pa
         *args.set_pretrain], args.pretrain_steps, "pretrain", seed) for seed in args.seeds]
     runs += v1[:2]
     if args.v2:
+        teacher = teacher_dir(args, runs_dir)
         runs.append(Run("vqkd", VQKD_RECIPE, common + [
-            "name=vqkd", "seed=0", f"head.options.teacher={teacher_dir(args, runs_dir)}",
+            "name=vqkd", "seed=0", f"head.options.teacher={teacher}",
             f"head.options.num_codes={args.vocab_size}", f"train.steps={args.vqkd_steps}"],
-            args.vqkd_steps, "vqkd", 0, after=teacher_dir(args, runs_dir).parent.name, export_to=vqkd))
+            args.vqkd_steps, "vqkd", 0, after=teacher.parent.name, export_to=vqkd))
     runs += v1[2:]
     fine_tunes: dict[str, list[Run]] = {arm: [] for arm in arms(args)}
     for seed in args.seeds:
